@@ -1,0 +1,129 @@
+"""Run every bundle's demo (``bundles/*/configs/demo.json``) and write a report under ``reports/``.
+
+Each demo.json lists shell-free commands with the placeholders ``{python}`` (this interpreter),
+``{bundle}`` (the bundle folder), ``{data}`` (its demo data folder) and ``{work}`` (the folder that
+receives its models, logs and outputs, used as ``bundle_root`` so the source tree stays clean), and a
+``report`` section naming metric files and images. Logs of every step go to ``reports/<bundle>/logs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def substitute(text: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
+def run_steps(name: str, spec: dict, values: dict[str, str], log_dir: Path) -> list[dict]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    timings = []
+    for index, step in enumerate(spec["steps"], start=1):
+        command = [substitute(part, values) for part in step["command"]]
+        log_file = log_dir / f"{index:02d}_{step['name'].replace(' ', '_')}.log"
+        print(f"[{name}] {index}/{len(spec['steps'])} {step['name']} (log: {log_file.relative_to(ROOT)})", flush=True)
+        start = time.perf_counter()
+        with open(log_file, "w") as log:
+            log.write("$ " + " ".join(command) + "\n")
+            log.flush()
+            result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - start
+        timings.append({"step": step["name"], "seconds": round(seconds, 1), "returncode": result.returncode})
+        if result.returncode != 0:
+            tail = log_file.read_text().splitlines()[-30:]
+            raise SystemExit(f"[{name}] step '{step['name']}' failed ({result.returncode}); last lines of {log_file}:\n" + "\n".join(tail))
+    return timings
+
+
+def metrics_table(entries: list[dict], values: dict[str, str]) -> tuple[list[str], list[dict]]:
+    rows = []
+    for entry in entries:
+        path = Path(substitute(entry["file"], values))
+        summary = json.loads(path.read_text())
+        overall = summary.get("overall", summary)
+        figures = {k: v for k, v in overall.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        rows.append({"name": entry["name"], "file": str(path.relative_to(ROOT)), **figures})
+    columns = [c for c in ("SEG", "DET", "OP_CSB") if any(c in r for r in rows)]
+    columns += sorted({k for r in rows for k in r} - set(columns) - {"name", "file"})
+    return columns, rows
+
+
+def write_report(name: str, spec: dict, values: dict[str, str], timings: list[dict], report_dir: Path) -> dict:
+    columns, rows = metrics_table(spec["report"]["metrics"], values)
+    image_dir = report_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for pattern in spec["report"].get("images", []):
+        for path in sorted(glob.glob(substitute(pattern, values)))[: spec["report"].get("max_images", 4)]:
+            target = image_dir / Path(path).name
+            shutil.copyfile(path, target)
+            images.append(target.name)
+    lines = [f"# {name}: demo report", "", spec.get("description", ""), "", "## Metrics", ""]
+    lines += ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Steps", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {t['step']} | {t['seconds']} |" for t in timings]
+    lines += ["", "## Overlays", ""] + [f"![{img}](images/{img})" for img in images]
+    (report_dir / "README.md").write_text("\n".join(lines) + "\n")
+    summary = {"bundle": name, "metrics": rows, "steps": timings, "images": images}
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundles", nargs="*", help="bundle names (default: every bundle with configs/demo.json)")
+    parser.add_argument("--data-root", default="data", help="where demo data is written")
+    parser.add_argument("--work-root", default="runs/demo", help="where demo models and outputs are written")
+    parser.add_argument("--reports", default="reports", help="report folder")
+    args = parser.parse_args(argv)
+
+    bundle_dirs = sorted(p.parents[1] for p in (ROOT / "bundles").glob("*/configs/demo.json"))
+    if args.bundles:
+        bundle_dirs = [d for d in bundle_dirs if d.name in args.bundles]
+        missing = set(args.bundles) - {d.name for d in bundle_dirs}
+        if missing:
+            raise SystemExit(f"no configs/demo.json for: {', '.join(sorted(missing))}")
+    summaries = []
+    for bundle_dir in bundle_dirs:
+        name = bundle_dir.name
+        values = {
+            "python": sys.executable,
+            "bundle": str(bundle_dir.relative_to(ROOT)),
+            "data": str(Path(args.data_root) / name),
+            "work": str(Path(args.work_root) / name),
+        }
+        spec = json.loads((bundle_dir / "configs" / "demo.json").read_text())
+        report_dir = ROOT / args.reports / name
+        timings = run_steps(name, spec, values, report_dir / "logs")
+        summaries.append(write_report(name, spec, values, timings, report_dir))
+        print(f"[{name}] report: {(report_dir / 'README.md').relative_to(ROOT)}", flush=True)
+
+    index = ["# Demo reports", "", "| bundle | headline metrics | minutes |", "|---|---|---|"]
+    for s in summaries:
+        headline = "; ".join(
+            f"{r['name']}: " + ", ".join(f"{k} {r[k]:.3f}" for k in ("SEG", "DET", "OP_CSB") if k in r) for r in s["metrics"]
+        )
+        minutes = sum(t["seconds"] for t in s["steps"]) / 60
+        index.append(f"| [{s['bundle']}]({s['bundle']}/README.md) | {headline} | {minutes:.1f} |")
+    (ROOT / args.reports).mkdir(parents=True, exist_ok=True)
+    (ROOT / args.reports / "README.md").write_text("\n".join(index) + "\n")
+    print(f"wrote {Path(args.reports) / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+# Sourced by demo.sh and test.sh: create the virtual environment if it is absent and install the
+# collection (editable) with its test extra. Override the location with VENV=/path.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON_BIN="${PYTHON_BIN:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating virtual environment in $VENV"
+    "$PYTHON_BIN" -m venv "$VENV"
+fi
+stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "installing the collection and its dependencies (first run: torch and its CUDA wheels, a few minutes)"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+    touch "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
+cd "$ROOT"
