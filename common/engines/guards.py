@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import from_engine
 
 from common.errors import InputDataError
 
@@ -15,15 +16,17 @@ __all__ = ["NonFiniteLossGuard", "batch_sources"]
 
 
 def batch_sources(batch: Any, key: str = "image") -> list[str]:
-    """File names of the samples in a batch, read from MONAI meta data where present."""
-    if isinstance(batch, dict):
-        meta = getattr(batch.get(key), "meta", None) or batch.get(f"{key}_meta_dict") or {}
-        names = meta.get("filename_or_obj") if isinstance(meta, dict) else None
-        if names is None and "name" in batch:
-            names = batch["name"]
-        if names is not None:
-            return [str(n) for n in (names if isinstance(names, (list, tuple)) else [names])]
-    return []
+    """File names of the samples in a batch (collated dict or MONAI's decollated list of dicts),
+    read from MetaTensor meta data or a ``name`` entry where present."""
+    if isinstance(batch, (list, tuple)):
+        return [name for item in batch for name in batch_sources(item, key)]
+    if not isinstance(batch, dict):
+        return []
+    meta = getattr(batch.get(key), "meta", None) or batch.get(f"{key}_meta_dict") or {}
+    names = meta.get("filename_or_obj") or batch.get("name")
+    if names is None:
+        return []
+    return [str(n) for n in (names if isinstance(names, (list, tuple)) else [names])]
 
 
 class NonFiniteLossGuard:
@@ -34,12 +37,13 @@ class NonFiniteLossGuard:
     already written stay intact because they are replaced atomically.
 
     Args:
-        output_transform: extracts the loss from ``engine.state.output``.
+        output_transform: extracts the loss from ``engine.state.output`` (default: the ``loss`` entry
+            of the first decollated sample, where MONAI trainers put the batch loss).
         image_key: batch key whose meta data holds ``filename_or_obj``.
     """
 
     def __init__(self, output_transform: Callable[[Any], Any] | None = None, image_key: str = "image") -> None:
-        self.output_transform = output_transform or (lambda output: output["loss"] if isinstance(output, dict) else output)
+        self.output_transform = output_transform or from_engine(["loss"], first=True)
         self.image_key = image_key
 
     def attach(self, engine: Engine) -> None:
