@@ -1,0 +1,36 @@
+"""Loading transforms that read images exactly as the training data was prepared."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from common.data.cell_readers import read_image
+
+__all__ = ["LoadCellImaged"]
+
+
+class LoadCellImaged(MapTransform):
+    """Replace a path by a (3, H, W) float MetaTensor in 0..255, read with
+    :func:`common.data.cell_readers.read_image`.
+
+    Inference must see images the way ``common.data.cell_arrays`` stored them for training
+    (grayscale repeated to three channels, 16-bit data scaled by percentiles), so both use one reader.
+    ``filename_or_obj`` is kept in the meta data so writers can name their outputs.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            pixels = torch.from_numpy(read_image(path)).permute(2, 0, 1).float()
+            d[key] = MetaTensor(pixels, meta={"filename_or_obj": path, "spatial_shape": tuple(pixels.shape[1:])})
+        return d
