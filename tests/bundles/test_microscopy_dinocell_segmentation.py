@@ -1,0 +1,122 @@
+"""End-to-end runs of the DINOCell bundle's workflows on tiny synthetic data and a tiny ViT."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from common.bundle.verify import verify_bundle
+from common.data.synthetic.cells import generate_cell_dataset
+from tests.helpers import REPO_ROOT, bundle_command, run_command
+
+pytestmark = pytest.mark.slow
+
+BUNDLE = REPO_ROOT / "bundles" / "microscopy_dinocell_segmentation"
+CONFIGS = BUNDLE / "configs"
+# a 2-block ViT with patch 8 and a narrow decoder: the tests are about wiring, not accuracy
+TINY_NETWORK = [
+    "--network_def#depth", "2", "--network_def#embed_dim", "32", "--network_def#num_heads", "2",
+    "--network_def#decoder_channels", "[32,16,16,8]",
+]
+QUICK = ["--pretrained", "false", "--num_workers", "0", "--progress", "false", "--patch_size", "[64,64]"]
+
+
+def configs(*names: str) -> str:
+    return "[" + ",".join(f"'{CONFIGS / name}'" for name in names) + "]"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dinocell")
+    generate_cell_dataset(root / "raw", n_train=4, n_val=2, n_test=2, size=(96, 96), seed=0)
+    run_command([sys.executable, "-m", "common.data.cell_arrays", "--format", "cellpose", "--input", str(root / "raw"),
+                 "--splits", "train", "val", "test", "--output", str(root / "arrays")])
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path) -> Path:
+    work = dataset / "work"
+    run_command(bundle_command(
+        "run", "training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(work),
+        "--dataset_dir", str(dataset / "arrays"), "--epochs", "2", "--warmup_iterations", "2",
+        "--freeze_backbone", "false", *QUICK, *TINY_NETWORK,
+    ))
+    return work
+
+
+def test_verifier_passes(tmp_path):
+    report = verify_bundle(BUNDLE)
+    assert report.ok, report.format()
+
+
+def test_training_writes_checkpoints_and_logs(trained: Path):
+    assert (trained / "models" / "model.pt").is_file()
+    assert (trained / "models" / "checkpoint_latest.pt").is_file()
+    assert any((trained / "runs").glob("events.out.tfevents.*")), "TensorBoard events missing"
+
+
+def test_resume_continues_training(dataset: Path, trained: Path):
+    result = run_command(bundle_command(
+        "run", "training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(trained),
+        "--dataset_dir", str(dataset / "arrays"), "--epochs", "3", "--warmup_iterations", "2",
+        "--freeze_backbone", "false", "--resume", "true", *QUICK, *TINY_NETWORK,
+    ))
+    log = result.stdout + result.stderr
+    assert "resumed from" in log and "Epoch[3]" in log and "Epoch[1]" not in log
+
+
+def test_tune_evaluate_baseline_and_infer(dataset: Path, trained: Path, tmp_path: Path):
+    common_args = ["--bundle_root", str(trained), "--dataset_dir", str(dataset / "arrays"), *QUICK, *TINY_NETWORK]
+    run_command(bundle_command("run", "tuning", "--config_file", configs("train.json", "evaluate.json", "tune_thresholds.json"),
+                               "--cells_max_grid", "[0.4,0.6]", "--cell_fill_grid", "[0.1,0.2]", *common_args))
+    thresholds = json.loads((trained / "models" / "watershed_thresholds.json").read_text())
+    assert thresholds["cells_max"] in (0.4, 0.6) and thresholds["cell_fill"] in (0.1, 0.2)
+
+    run_command(bundle_command("run", "evaluating", "--config_file", configs("train.json", "evaluate.json"), *common_args))
+    run_command(bundle_command("run", "evaluating", "--config_file", configs("train.json", "evaluate.json", "baseline.json"), *common_args))
+    for folder in ("test", "baseline_test"):
+        summary = json.loads((trained / "eval" / folder / "ctc_metrics.json").read_text())
+        for name in ("SEG", "DET", "OP_CSB"):
+            assert 0.0 <= summary["overall"][name] <= 1.0
+    baseline = json.loads((trained / "eval" / "baseline_test" / "ctc_metrics.json").read_text())
+    assert baseline["overall"]["DET"] > 0.2, "the classical baseline should find cells on the synthetic data"
+
+    output_dir = tmp_path / "inference"
+    run_command(bundle_command(
+        "run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(trained),
+        "--input_dir", str(dataset / "raw" / "test"), "--output_dir", str(output_dir), "--num_workers", "0",
+        "--patch_size", "[64,64]", *TINY_NETWORK,
+    ))
+    images = sorted((dataset / "raw" / "test").glob("*_img.png"))
+    for image in images:
+        labels = tifffile.imread(next(output_dir.rglob(f"{image.stem}*instances*.tif")))
+        assert labels.shape == (96, 96) and labels.dtype in (np.int32, np.uint16, np.uint32)
+        assert next(output_dir.rglob(f"{image.stem}*overlay*.png")).is_file()
+        with open(next(output_dir.rglob(f"{image.stem}*cells*.csv"))) as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == len(np.unique(labels)) - 1
+
+
+def test_two_process_ddp_on_cpu(dataset: Path, tmp_path: Path):
+    """torchrun with 2 CPU processes (gloo): both ranks train, rank 0 alone writes checkpoints."""
+    work, logs = tmp_path / "work", tmp_path / "torchrun_logs"
+    run_command([
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "--log-dir", str(logs), "--tee", "3", "-m", "monai.bundle", "run", "training",
+        "--config_file", configs("train.json", "multi_gpu_train.json"), "--bundle_root", str(work),
+        "--dataset_dir", str(dataset / "arrays"), "--epochs", "1", "--warmup_iterations", "1", "--batch_size", "1",
+        "--freeze_backbone", "false", *QUICK, *TINY_NETWORK,
+    ], OMP_NUM_THREADS="1")
+    rank_logs = {rank: "".join(p.read_text() for p in logs.rglob(f"*/{rank}/std*.log")) for rank in (0, 1)}
+    for rank, text in rank_logs.items():
+        assert "Epoch[1] Complete" in text, f"rank {rank} did not train:\n{text[-2000:]}"
+    assert "saved training state" in rank_logs[0] and "saved training state" not in rank_logs[1]
+    assert (work / "models" / "checkpoint_latest.pt").is_file() and (work / "models" / "model.pt").is_file()
+    assert sorted(p.name for p in (work / "models").iterdir()) == ["checkpoint_latest.pt", "model.pt"]
