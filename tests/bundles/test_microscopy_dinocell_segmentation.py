@@ -41,12 +41,26 @@ def dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(dataset: Path) -> Path:
+def pretrained_backbone(dataset: Path) -> Path:
+    work = dataset / "work"
+    run_command(bundle_command(
+        "run", "pretraining", "--config_file", str(CONFIGS / "pretrain.json"), "--bundle_root", str(work),
+        "--unlabelled_dir", str(dataset / "raw" / "train"), "--epochs", "1", "--batch_size", "2",
+        "--global_size", "64", "--local_size", "32", "--n_local", "2", "--warmup_epochs", "1", "--out_dim", "64",
+        "--head_def#hidden_dim", "64", "--head_def#bottleneck_dim", "32", "--num_workers", "0", "--progress", "false",
+        "--backbone_def#depth", "2", "--backbone_def#embed_dim", "32", "--backbone_def#num_heads", "2",
+    ))
+    return work / "models" / "ssl_backbone.pt"
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, pretrained_backbone: Path) -> Path:
+    """Fine-tune from the DINO backbone: proves pretrain.json's output loads into train.json."""
     work = dataset / "work"
     run_command(bundle_command(
         "run", "training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(work),
         "--dataset_dir", str(dataset / "arrays"), "--epochs", "2", "--warmup_iterations", "2",
-        "--freeze_backbone", "false", *QUICK, *TINY_NETWORK,
+        "--backbone_checkpoint", str(pretrained_backbone), "--freeze_backbone", "false", *QUICK, *TINY_NETWORK,
     ))
     return work
 

@@ -1,0 +1,309 @@
+"""Tests for common.bundle.verify on small fixture bundles built in tmp_path."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.bundle.verify import REQUIRED_FILES, VerificationReport, main, verify_bundle
+
+TENSOR = {
+    "type": "image",
+    "format": "magnitude",
+    "dtype": "float32",
+    "value_range": [0, 1],
+    "is_patch_data": False,
+}
+METADATA = {
+    "version": "0.1.0",
+    "changelog": {"0.1.0": "first version"},
+    "monai_version": "1.6.1",
+    "pytorch_version": "2.15.0",
+    "numpy_version": "2.2.0",
+    "name": "Tiny segmentation",
+    "task": "2D foreground segmentation",
+    "description": "A tiny BasicUNet used to test the bundle verifier.",
+    "authors": "tests",
+    "copyright": "Copyright (c) tests",
+    "intended_use": "tests only",
+    "eval_metrics": {"mean_dice": 0.5},
+    "references": ["Falk et al. U-Net: deep learning for cell counting. Nature Methods 2019"],
+    "network_data_format": {
+        "inputs": {
+            "image": {
+                **TENSOR,
+                "num_channels": 1,
+                "spatial_shape": ["16*n", "16*n"],
+                "channel_def": {"0": "image"},
+            }
+        },
+        "outputs": {
+            "pred": {
+                **TENSOR,
+                "format": "segmentation",
+                "num_channels": 2,
+                "spatial_shape": ["16*n", "16*n"],
+                "channel_def": {"0": "background", "1": "cell"},
+            }
+        },
+    },
+}
+NETWORK = {
+    "_target_": "BasicUNet",
+    "spatial_dims": 2,
+    "in_channels": "@_meta_#network_data_format#inputs#image#num_channels",
+    "out_channels": 2,
+    "features": [4, 4, 8, 8, 8, 4],
+}
+TRAIN = {
+    "bundle_root": ".",
+    "device": "$torch.device('cpu')",
+    "network_def": NETWORK,
+    "network": "$@network_def.to(@device)",
+    "loss": {"_target_": "DiceLoss", "softmax": True, "to_onehot_y": True},
+    "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.001},
+    "train": {
+        "handlers": [{"_target_": "StatsHandler", "tag_name": "train_loss"}],
+        "trainer": {
+            "_target_": "SupervisedTrainer",
+            "device": "@device",
+            "max_epochs": 1,
+            "train_data_loader": "$[]",
+            "network": "@network",
+            "optimizer": "@optimizer",
+            "loss_function": "@loss",
+            "train_handlers": "@train#handlers",
+        },
+    },
+    "training": ["$@train#trainer.run()"],
+}
+EVALUATE = {
+    "validate": {
+        "evaluator": {
+            "_target_": "SupervisedEvaluator",
+            "device": "@device",
+            "val_data_loader": "$[]",
+            "network": "@network",
+        }
+    },
+    "run": ["$@validate#evaluator.run()"],
+}
+INFERENCE = {
+    "bundle_root": ".",
+    "device": "$torch.device('cpu')",
+    "network_def": NETWORK,
+    "network": "$@network_def.to(@device)",
+    "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [32, 32]},
+}
+MULTI_GPU = {"network": "$torch.nn.parallel.DistributedDataParallel(@network_def.to(@device))"}
+UNSCRIPTABLE_MODULE = '''
+import torch
+
+
+class Unscriptable(torch.nn.Conv2d):
+    def forward(self, x, *extra):  # TorchScript rejects variadic arguments
+        return super().forward(x)
+'''
+
+
+@pytest.fixture
+def files() -> dict[str, Any]:
+    """The files of a valid bundle, relative path -> JSON content or text; tests edit them before writing."""
+    return copy.deepcopy(
+        {
+            "configs/metadata.json": METADATA,
+            "configs/train.json": TRAIN,
+            "configs/evaluate.json": EVALUATE,
+            "configs/inference.json": INFERENCE,
+            "configs/multi_gpu_train.json": MULTI_GPU,
+            "configs/logging.conf": "[loggers]\nkeys=root\n",
+            "docs/README.md": "# Tiny segmentation\n",
+            "LICENSE": "Apache-2.0\n",
+        }
+    )
+
+
+def write_bundle(root: Path, files: dict[str, Any]) -> Path:
+    for relative, content in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content if isinstance(content, str) else json.dumps(content, indent=2))
+    return root
+
+
+def check(report: VerificationReport, name: str):
+    return next(result for result in report.checks if result.name == name)
+
+
+def failed(report: VerificationReport) -> dict[str, str]:
+    return {result.name: result.message for result in report.checks if not result.ok}
+
+
+def test_valid_bundle_passes_every_check(tmp_path, files):
+    report = verify_bundle(write_bundle(tmp_path / "tiny", files))
+    assert report.ok, report.format()
+    assert [result.name for result in report.checks] == [
+        "required files",
+        "metadata schema",
+        "version in changelog",
+        "configs parse",
+        "targets resolve",
+        "references resolve",
+        "network in/out",
+        "torchscript export",
+    ]
+    assert check(report, "network in/out").message == (
+        "input (1, 1, 32, 32) torch.float32 -> output (1, 2, 32, 32) torch.float32"
+    )
+    assert check(report, "torchscript export").message == "ckpt_export output matches the eager network"
+    assert "FAIL" not in report.format()
+
+
+def test_broken_target_is_reported_once_with_file_and_id(tmp_path, files):
+    files["configs/train.json"]["train"]["handlers"][0]["_target_"] = "common.networks.does_not_exist.Net"
+    bundle = write_bundle(tmp_path / "tiny", files)
+    problems = failed(verify_bundle(bundle, export=False))
+    assert list(problems) == ["targets resolve"]
+    # evaluate.json is merged over train.json, yet the error belongs to train.json and is reported once
+    assert problems["targets resolve"] == (
+        f"{bundle / 'configs' / 'train.json'}: train#handlers#0#_target_ = common.networks.does_not_exist.Net "
+        "does not resolve to an importable class or function"
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (
+            lambda meta: meta["network_data_format"]["inputs"]["image"].update(num_channels="3"),
+            "network_data_format.inputs.image.num_channels: '3' is not of type 'integer'",
+        ),
+        (lambda meta: meta.update(eval_metrics={"dice": "high"}), "eval_metrics.dice: 'high' is not of type 'number'"),
+        (lambda meta: meta.pop("intended_use"), "(top level): 'intended_use' is a required property"),
+        (lambda meta: meta.update(torchscript={"exportable": False}), "torchscript: 'reason' is a required property"),
+    ],
+)
+def test_metadata_schema_violation_names_file_and_json_path(tmp_path, files, edit, expected):
+    edit(files["configs/metadata.json"])
+    bundle = write_bundle(tmp_path / "tiny", files)
+    problems = failed(verify_bundle(bundle, export=False))
+    assert problems["metadata schema"] == f"{bundle / 'configs' / 'metadata.json'}: {expected}"
+
+
+def test_version_missing_from_changelog(tmp_path, files):
+    files["configs/metadata.json"]["version"] = "0.2.0"
+    bundle = write_bundle(tmp_path / "tiny", files)
+    problems = failed(verify_bundle(bundle, export=False))
+    assert problems == {
+        "version in changelog": f"{bundle / 'configs' / 'metadata.json'}: version '0.2.0' has no entry in changelog"
+    }
+
+
+def test_missing_required_file(tmp_path, files):
+    del files["docs/README.md"]
+    bundle = write_bundle(tmp_path / "tiny", files)
+    assert failed(verify_bundle(bundle, export=False)) == {"required files": f"{bundle / 'docs' / 'README.md'}: missing"}
+    assert len(REQUIRED_FILES) == 8
+
+
+def test_invalid_json_config_is_named_and_other_configs_still_checked(tmp_path, files):
+    files["configs/evaluate.json"] = '{"validate": {'
+    files["configs/inference.json"]["inferer"]["_target_"] = "NoSuchInferer"
+    bundle = write_bundle(tmp_path / "tiny", files)
+    problems = failed(verify_bundle(bundle, export=False))
+    assert set(problems) == {"configs parse", "targets resolve"}
+    assert problems["configs parse"].startswith(f"{bundle / 'configs' / 'evaluate.json'}: not valid JSON (")
+    assert "inference.json: inferer#_target_ = NoSuchInferer does not resolve" in problems["targets resolve"]
+
+
+def test_undefined_reference_in_merged_config(tmp_path, files):
+    files["configs/evaluate.json"]["validate"]["evaluator"]["network"] = "@model"
+    bundle = write_bundle(tmp_path / "tiny", files)
+    problems = failed(verify_bundle(bundle, export=False))
+    assert problems == {
+        "references resolve": f"{bundle / 'configs' / 'evaluate.json'} (merged over train.json): "
+        "validate#evaluator#network refers to @model, which is not defined"
+    }
+
+
+def test_metadata_config_bases_merge_extra_configs(tmp_path, files):
+    files["configs/tune_thresholds.json"] = {"tune": ["$@validate#evaluator.run()"]}
+    bundle = write_bundle(tmp_path / "tiny", files)
+    alone = failed(verify_bundle(bundle, export=False))
+    assert alone == {
+        "references resolve": f"{bundle / 'configs' / 'tune_thresholds.json'}: tune#0 refers to @validate#evaluator, "
+        "which is not defined"
+    }
+    files["configs/metadata.json"]["config_bases"] = {"tune_thresholds.json": ["train.json", "evaluate.json"]}
+    assert verify_bundle(write_bundle(bundle, files), export=False).ok
+
+
+@pytest.mark.parametrize(
+    "pred, expected",
+    [
+        ({"num_channels": 3}, "output shape (1, 2, 32, 32) does not have 3 channels in dim 1"),
+        ({"spatial_shape": ["8*n", "8*n"]}, "output spatial shape (32, 32) differs from the declared (16, 16)"),
+    ],
+)
+def test_network_output_differing_from_metadata(tmp_path, files, pred, expected):
+    files["configs/metadata.json"]["network_data_format"]["outputs"]["pred"].update(pred)
+    bundle = write_bundle(tmp_path / "tiny", files)
+    problems = failed(verify_bundle(bundle, export=False))
+    meta_path = bundle / "configs" / "metadata.json"
+    assert problems == {
+        "network in/out": f"{bundle / 'configs' / 'train.json'}: network_def {expected} ({meta_path} outputs.pred)"
+    }
+
+
+@pytest.fixture
+def unscriptable_files(tmp_path, files, monkeypatch) -> dict[str, Any]:
+    """The bundle with a network TorchScript cannot compile, importable from a module in tmp_path."""
+    (tmp_path / "unscriptable_net.py").write_text(UNSCRIPTABLE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = {"_target_": "unscriptable_net.Unscriptable", "in_channels": 1, "out_channels": 2, "kernel_size": 3, "padding": 1}
+    files["configs/train.json"]["network_def"] = net
+    files["configs/inference.json"]["network_def"] = net
+    return files
+
+
+def test_unexportable_network_fails_with_advice(tmp_path, unscriptable_files):
+    bundle = write_bundle(tmp_path / "tiny", unscriptable_files)
+    problems = failed(verify_bundle(bundle))
+    assert list(problems) == ["torchscript export"]
+    assert problems["torchscript export"].startswith(
+        f"{bundle / 'configs' / 'train.json'}: network_def cannot be exported with monai.bundle ckpt_export ("
+    )
+    assert '"torchscript": {"exportable": false, "reason": "<why>"}' in problems["torchscript export"]
+
+
+def test_declared_unexportable_network_passes_with_reason(tmp_path, unscriptable_files):
+    reason = "forward takes variadic arguments"
+    unscriptable_files["configs/metadata.json"]["torchscript"] = {"exportable": False, "reason": reason}
+    report = verify_bundle(write_bundle(tmp_path / "tiny", unscriptable_files))
+    assert report.ok, report.format()
+    assert check(report, "torchscript export").message.endswith(f"declares it not exportable: {reason}")
+    assert reason in report.format()
+
+
+def test_cli_exit_code_and_table(tmp_path, files, capsys):
+    good = write_bundle(tmp_path / "bundles" / "good", files)
+    assert main([str(good), "--no-export"]) == 0
+    out = capsys.readouterr().out
+    assert f"{good}: OK" in out and "torchscript export" not in out and "1 of 1 bundles passed" in out
+
+    files["configs/metadata.json"]["version"] = "9.9.9"
+    write_bundle(tmp_path / "bundles" / "bad", files)
+    assert main(["--all", "--bundles-root", str(tmp_path / "bundles"), "--no-export"]) == 1
+    out = capsys.readouterr().out
+    assert "bad: FAILED (1 of 7 checks)" in out and "FAIL  version in changelog" in out
+    assert "1 of 2 bundles passed" in out
+
+
+def test_cli_without_bundles_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--all", "--bundles-root", str(tmp_path)])
+    assert exit_info.value.code == 2
