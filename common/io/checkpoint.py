@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.errors import InputDataError
+from common.io.atomic import atomic_write
 
 __all__ = ["sha256sum", "load_checkpoint", "save_checkpoint", "extract_state_dict"]
 
@@ -78,15 +78,4 @@ def extract_state_dict(checkpoint: Any, key: str | None = None) -> dict[str, tor
 
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     """Save ``obj`` with ``torch.save`` atomically: write a temporary file beside ``path``, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))

@@ -1,4 +1,5 @@
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -8,10 +9,10 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from PIL import Image
 
+from common.io.atomic import atomic_write
 from common.io.instance_outputs import (
     CELL_TABLE_COLUMNS,
     SaveInstanceOutputsd,
-    atomic_write,
     write_cell_table,
     write_instance_labels,
     write_overlay,
@@ -59,7 +60,8 @@ def test_cell_table_has_one_row_per_cell(tmp_path):
         ("3", "100", "9.500", "14.500"),
         ("8", "200", "24.500", "39.500"),
     ]
-    assert [rows[1][k] for k in ("bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")] == ["20", "30", "30", "50"]
+    bbox = [rows[1][k] for k in ("bbox_min_y", "bbox_min_x", "bbox_max_y", "bbox_max_x")]
+    assert bbox == ["20", "30", "30", "50"]  # max is exclusive
 
 
 def test_overlay_stretches_normalised_image_and_colours_cells(tmp_path):
@@ -67,8 +69,8 @@ def test_overlay_stretches_normalised_image_and_colours_cells(tmp_path):
     path = write_overlay(image, _two_cells(), tmp_path / "overlay.png")
     overlay = np.asarray(Image.open(path))
     assert overlay.shape == (40, 60, 3) and overlay.dtype == np.uint8
-    assert overlay[0, 0].tolist() == np.round((image[:, 0, 0] - image.min(axis=(1, 2))) * 255
-                                              / np.ptp(image, axis=(1, 2))).tolist()
+    stretched = (image[:, 0, 0] - image.min(axis=(1, 2))) / np.ptp(image, axis=(1, 2)) * 255
+    assert overlay[0, 0].tolist() == np.round(stretched).tolist()  # a background pixel keeps its grey value
     assert overlay[5, 15].tolist() != overlay[20, 40].tolist()  # edges of two cells differ in colour
 
 
@@ -91,6 +93,15 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
+def test_atomic_write_respects_umask(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "cells.csv", lambda f: f.write(b"id\n"))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def _sample(folder: str = "/data/01") -> dict:
     image = MetaTensor(torch.rand(3, 40, 60), meta={"filename_or_obj": f"{folder}/t000.ome.tif"})
     instances = MetaTensor(torch.from_numpy(_two_cells())[None], meta=dict(image.meta))
@@ -100,7 +111,8 @@ def _sample(folder: str = "/data/01") -> dict:
 def test_transform_writes_all_files_named_after_the_image(tmp_path):
     data = _sample()
     out = Compose([SaveInstanceOutputsd(keys="instances", output_dir=tmp_path)])(data)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t000_cells.csv", "t000_instances.tif", "t000_overlay.png"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["t000_cells.csv", "t000_instances.tif", "t000_overlay.png"]
     assert out["instances_path"] == str(tmp_path / "t000_instances.tif")
     assert out["instances"] is data["instances"]
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "t000_instances.tif"), _two_cells())

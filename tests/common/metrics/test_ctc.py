@@ -138,7 +138,8 @@ def test_accepts_channel_first_tensors_and_float_ids():
 
 
 def test_shape_mismatch_is_reported():
-    with pytest.raises(ValueError, match=r"reference has shape \(32, 48\) but prediction has shape \(32, 47\)"):
+    expected = r"reference has shape \(32, 48\) but prediction has shape \(32, 47\)"
+    with pytest.raises(ValueError, match=expected):
         ctc_scores(_canvas(), np.zeros((32, 47), dtype=np.int32))
 
 

@@ -1,0 +1,182 @@
+"""Ignite handler scoring an evaluation run with the Cell Tracking Challenge measures.
+
+SEG and DET pool objects over the whole dataset (see :mod:`common.metrics.ctc`), so they cannot be
+averaged batch by batch like a Dice score: the handler keeps the counts of every image, combines them
+when the epoch ends, and reports both the dataset figures and the per-image ones that show where a
+model fails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from csv import writer as csv_writer
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor, decollate_batch
+
+from common.io.atomic import atomic_write
+from common.metrics.ctc import CTCScores, aggregate_ctc, ctc_scores
+
+__all__ = ["CTCMetricsHandler"]
+
+_SCORE_FIELDS = tuple(field.name for field in fields(CTCScores))
+
+
+class CTCMetricsHandler:
+    """Compute SEG, DET and OP_CSB over an evaluation epoch and store them in ``engine.state.metrics``.
+
+    Attach it to a MONAI ``SupervisedEvaluator`` whose postprocessing puts predicted instances under
+    ``pred_key``; the reference instances under ``label_key`` may come from postprocessing or straight
+    from the data loader (both (1, H, W)). Each image is scored as it passes; at the end of the epoch
+    the dataset-level ``SEG``, ``DET`` and ``OP_CSB`` go into ``engine.state.metrics``, a summary is
+    logged, and with ``output_dir`` a JSON summary (overall and per image) and a per-image CSV are
+    written.
+
+    Under DDP every rank scores its own images and the per-image results are gathered before
+    aggregating; an image met twice (``DistributedSampler`` repeats images to even out the ranks) is
+    counted once. Only rank 0 writes files. Handlers that read the metrics, such as a ``CheckpointSaver``
+    with ``key_metric_name="OP_CSB"``, must be attached after this one.
+
+    Args:
+        pred_key: key of the predicted instance labels in each output dict.
+        label_key: key of the reference instance labels.
+        output_dir: folder for the summary and per-image files; ``None`` writes nothing.
+        name_key: key whose ``MetaTensor`` metadata (``filename_or_obj``) names the image; images
+            without it are named by their position on the rank (``rank0_image3``).
+        summary_file: JSON file name inside ``output_dir``.
+        details_file: CSV file name inside ``output_dir``.
+        logger_name: logger receiving the summary (per-image lines go at DEBUG level).
+    """
+
+    def __init__(
+        self,
+        pred_key: str = "instances",
+        label_key: str = "instances_label",
+        output_dir: str | os.PathLike | None = None,
+        name_key: str = "image",
+        summary_file: str = "ctc_metrics.json",
+        details_file: str = "ctc_per_image.csv",
+        logger_name: str = __name__,
+    ) -> None:
+        self.pred_key = pred_key
+        self.label_key = label_key
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.name_key = name_key
+        self.summary_file = summary_file
+        self.details_file = details_file
+        self.logger = logging.getLogger(logger_name)
+        self._records: list[tuple[str, CTCScores]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self._records = []
+
+    def _name(self, sample: Mapping[str, Any]) -> str:
+        item = sample.get(self.name_key)
+        source = item.meta.get("filename_or_obj") if isinstance(item, MetaTensor) else None
+        if isinstance(source, (str, os.PathLike)) and os.fspath(source):
+            return os.fspath(source)
+        return f"rank{idist.get_rank()}_image{len(self._records)}"
+
+    def update(self, engine: Engine) -> None:
+        """Score every sample of the iteration."""
+        for sample in _samples(engine):
+            for key in (self.pred_key, self.label_key):
+                if key not in sample:
+                    raise KeyError(
+                        f"CTCMetricsHandler: no {key!r} in the engine output or batch; found {list(sample)}"
+                    )
+            scores = ctc_scores(sample[self.label_key], sample[self.pred_key])
+            self._records.append((self._name(sample), scores))
+
+    def _gathered(self) -> list[tuple[str, CTCScores]]:
+        """All ranks' records as plain values, each image once, in rank then arrival order."""
+        local = [(name, tuple(scores.as_dict().values())) for name, scores in self._records]
+        per_rank = idist.all_gather(local)
+        unique: dict[str, CTCScores] = {}
+        for records in per_rank:
+            for name, values in records:
+                unique.setdefault(name, CTCScores(**dict(zip(_SCORE_FIELDS, values))))
+        return list(unique.items())
+
+    def complete(self, engine: Engine) -> None:
+        """Aggregate, publish ``SEG``/``DET``/``OP_CSB`` in ``engine.state.metrics`` and write the reports."""
+        records = self._gathered()
+        if not records:
+            raise RuntimeError("CTCMetricsHandler saw no images during the epoch; nothing to score")
+        overall = aggregate_ctc([scores for _, scores in records])
+        engine.state.metrics.update({"SEG": overall.seg, "DET": overall.det, "OP_CSB": overall.op_csb})
+        self._log(overall, records)
+        if self.output_dir is not None and idist.get_rank() == 0:
+            self._write(overall, records)
+
+    def _log(self, overall: CTCScores, records: list[tuple[str, CTCScores]]) -> None:
+        columns = ("SEG", "DET", "OP_CSB", "ref", "pred", "FN", "FP", "NS")
+        header = f"{'image':<40}" + "".join(f" {c:>7}" for c in columns)
+
+        def row(name: str, s: CTCScores) -> str:
+            ratios = "".join(f" {v:7.4f}" for v in (s.seg, s.det, s.op_csb))
+            counts = (s.n_reference, s.n_prediction, s.false_negatives, s.false_positives, s.splits)
+            return f"{name[-40:]:<40}" + ratios + "".join(f" {v:7d}" for v in counts)
+
+        self.logger.debug("CTC metrics per image:\n%s", "\n".join([header] + [row(n, s) for n, s in records]))
+        self.logger.info("CTC metrics over %d images:\n%s\n%s", len(records), header, row("overall", overall))
+
+    def _write(self, overall: CTCScores, records: list[tuple[str, CTCScores]]) -> None:
+        summary = {
+            "SEG": overall.seg,
+            "DET": overall.det,
+            "OP_CSB": overall.op_csb,
+            "overall": overall.as_dict(),
+            "per_image": [{"image": name, **scores.as_dict()} for name, scores in records],
+        }
+        text = json.dumps(_nan_to_none(summary), indent=2) + "\n"
+        atomic_write(self.output_dir / self.summary_file, lambda f: f.write(text.encode("utf-8")))
+
+        table = io.StringIO()
+        writer = csv_writer(table, lineterminator="\n")
+        writer.writerow(("image",) + _SCORE_FIELDS)
+        for name, scores in records:
+            writer.writerow([name, *_nan_to_none(scores.as_dict()).values()])
+        atomic_write(self.output_dir / self.details_file, lambda f: f.write(table.getvalue().encode("utf-8")))
+
+
+def _samples(engine: Engine) -> list[Mapping[str, Any]]:
+    """One dict per sample: the output's entries completed by the batch's.
+
+    MONAI evaluators keep input keys that postprocessing does not rewrite (such as reference labels
+    loaded with the image) in ``engine.state.batch``, not in ``engine.state.output``. Both are lists of
+    per-sample dicts after ``decollate_batch``; a batched dict (``decollate=False``) is decollated here.
+    """
+    outputs, batches = engine.state.output, engine.state.batch
+    if isinstance(outputs, Mapping):
+        outputs = decollate_batch(outputs)
+        batches = decollate_batch(batches) if isinstance(batches, Mapping) else batches
+    if not isinstance(batches, list) or len(batches) != len(outputs):
+        batches = [{}] * len(outputs)
+    return [{**(b if isinstance(b, Mapping) else {}), **o} for o, b in zip(outputs, batches)]
+
+
+def _nan_to_none(value: Any) -> Any:
+    """NaN (the scores of an image without reference objects) as ``None``: strict JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
