@@ -8,8 +8,14 @@ the distance to the background seeded at its local maxima, and debris is removed
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
 import numpy as np
 import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type, ensure_tuple
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.filters import gaussian, threshold_otsu
@@ -18,7 +24,7 @@ from skimage.segmentation import watershed
 
 from common.postprocessing.watershed import remove_small_instances
 
-__all__ = ["to_grayscale", "otsu_watershed"]
+__all__ = ["to_grayscale", "otsu_watershed", "OtsuWatershedd"]
 
 
 def to_grayscale(image: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -87,3 +93,41 @@ def otsu_watershed(
     markers = np.zeros(gray.shape, dtype=np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     return remove_small_instances(watershed(-distance, markers, mask=foreground), min_size)
+
+
+class OtsuWatershedd(MapTransform):
+    """Dictionary transform wrapping :func:`otsu_watershed`, so the baseline runs through the same
+    evaluator, writers and metrics as the network (whose "prediction" is then the image itself).
+
+    Args:
+        keys: keys of the (C, H, W) images.
+        output_key: where the int32 (1, H, W) labels are stored, one key per entry of ``keys``.
+        min_distance: see :func:`otsu_watershed`.
+        min_size: see :func:`otsu_watershed`.
+        smoothing_sigma: see :func:`otsu_watershed`.
+        invert: see :func:`otsu_watershed`.
+        allow_missing_keys: do not fail when a key is absent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_key: str | Sequence[str] = "instances",
+        min_distance: int = 5,
+        min_size: int = 15,
+        smoothing_sigma: float = 1.0,
+        invert: bool | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_keys = ensure_tuple(output_key)
+        if len(self.output_keys) != len(self.keys):
+            raise ValueError(f"output_key needs one entry per key: got {len(self.keys)} keys and {len(self.output_keys)}")
+        self.kwargs = {"min_distance": min_distance, "min_size": min_size, "smoothing_sigma": smoothing_sigma, "invert": invert}
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, output_key in self.key_iterator(d, self.output_keys):
+            labels = otsu_watershed(d[key], **self.kwargs)
+            d[output_key] = convert_to_dst_type(labels[None], d[key], dtype=torch.int32)[0]
+        return d

@@ -68,3 +68,21 @@ def test_flat_image_has_no_cells():
 def test_rejects_unknown_layout():
     with pytest.raises(ValueError, match="expected an image of shape"):
         otsu_watershed(np.zeros((5, 32, 32)))
+
+
+def test_otsu_watershed_transform_keeps_meta():
+    from monai.data import MetaTensor
+
+    from common.postprocessing.classical import OtsuWatershedd
+
+    image = np.zeros((3, 64, 64), dtype=np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    for cy, cx in ((16, 16), (44, 44)):
+        image[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 64] = 200.0
+    out = OtsuWatershedd(keys="pred", output_key="pred_instances")(
+        {"pred": MetaTensor(image, meta={"filename_or_obj": "x.png"})}
+    )
+    labels = out["pred_instances"]
+    assert labels.shape == (1, 64, 64) and labels.dtype == torch.int32
+    assert labels.meta["filename_or_obj"] == "x.png"
+    assert len(np.unique(labels.numpy())) == 3
