@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from common.data.cell_readers import read_cellpose_folder
+from common.data.synthetic.cells import generate_cell_dataset, main, synthesize_cell_image, voronoi_labels
+from common.errors import InputDataError
+
+SIZE = (96, 112)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    return generate_cell_dataset(root / "cells", 3, 1, 1, SIZE, seed=7, modality="mixed")
+
+
+def touching_pairs(labels: np.ndarray) -> int:
+    """Number of pixel pairs, horizontally or vertically adjacent, in two different cells."""
+    pairs = 0
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        pairs += int(((a != b) & (a > 0) & (b > 0)).sum())
+    return pairs
+
+
+def test_every_split_has_image_and_mask_files(dataset):
+    for split, count in (("train", 3), ("val", 1), ("test", 1)):
+        names = sorted(p.name for p in (dataset / split).iterdir())
+        expected = [f"{i:03d}_{kind}.png" for i in range(count) for kind in ("img", "masks")]
+        assert names == sorted(expected)
+    settings = json.loads((dataset / "dataset.json").read_text())
+    assert settings["seed"] == 7 and settings["size"] == list(SIZE) and settings["splits"]["train"] == 3
+    train = dataset / "train"
+    with Image.open(train / "000_masks.png") as mask, Image.open(train / "000_img.png") as image:
+        assert mask.mode.startswith("I;16") and image.mode == "L" and image.size == (SIZE[1], SIZE[0])
+
+
+@pytest.mark.parametrize("modality", ["phase", "fluorescence"])
+def test_labels_are_contiguous_connected_and_touching(modality):
+    image, labels = synthesize_cell_image(np.random.default_rng(0), SIZE, modality)
+    assert image.shape == labels.shape == SIZE and image.dtype == np.uint8
+    n = labels.max()
+    assert n > 5
+    np.testing.assert_array_equal(np.unique(labels), np.arange(n + 1))
+    for cell, box in enumerate(ndimage.find_objects(labels), start=1):
+        assert ndimage.label(labels[box] == cell)[1] == 1, f"cell {cell} is in pieces"
+    assert touching_pairs(labels) > 0
+    cells, background = image[labels > 0].mean(), image[labels == 0].mean()
+    assert (cells < background) if modality == "phase" else (cells > background)
+
+
+def test_same_seed_gives_identical_bytes(dataset, tmp_path):
+    again = generate_cell_dataset(tmp_path / "again", 3, 1, 1, SIZE, seed=7, modality="mixed")
+    for path in sorted(dataset.rglob("*.png")):
+        assert (again / path.relative_to(dataset)).read_bytes() == path.read_bytes(), path
+    other = generate_cell_dataset(tmp_path / "other", 1, 0, 0, SIZE, seed=8)
+    assert (other / "train" / "000_img.png").read_bytes() != (dataset / "train" / "000_img.png").read_bytes()
+
+
+def test_output_reads_back_through_the_cellpose_reader(dataset):
+    samples = read_cellpose_folder(dataset / "train")
+    assert [s.name for s in samples] == ["000", "001", "002"]
+    image, labels = samples[0].load()
+    assert image.shape == (*SIZE, 3)
+    np.testing.assert_array_equal(labels, np.asarray(Image.open(dataset / "train" / "000_masks.png")))
+
+
+def test_regeneration_replaces_only_generated_folders(tmp_path):
+    first = generate_cell_dataset(tmp_path / "demo", 2, 0, 0, SIZE)
+    generate_cell_dataset(first, 1, 0, 0, SIZE)
+    assert len(list((first / "train").glob("*_img.png"))) == 1  # no stale images from the first run
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "patient.tif").write_bytes(b"x")
+    with pytest.raises(InputDataError, match="data: exists and is not an earlier synthetic dataset"):
+        generate_cell_dataset(tmp_path / "data", 1, 0, 0, SIZE)
+
+
+def test_command_line(tmp_path, capsys):
+    main(["--output", str(tmp_path / "cli"), "--n-train", "1", "--n-val", "1", "--n-test", "0",
+          "--size", "64", "64"])
+    assert "wrote 1/1/0" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "val" / "000_masks.png").is_file()
+
+
+def test_voronoi_labels_touch_densely():
+    labels = voronoi_labels((64, 64), n_cells=40, seed=0, foreground=0.8)
+    assert len(np.unique(labels)) > 30
+    assert 0.7 < (labels > 0).mean() < 0.9
+    assert touching_pairs(labels) > 100
