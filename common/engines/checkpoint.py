@@ -44,7 +44,8 @@ class TrainingCheckpoint:
     Args:
         save_dir: folder of ``filename``.
         save_dict: objects with ``state_dict``/``load_state_dict`` (network, optimizer, lr_scheduler,
-            the trainer itself, a :class:`BestModelSaver`, ...).
+            a :class:`BestModelSaver`, ...). The engine it is attached to is added as ``"trainer"``
+            (so a config need not reference the trainer from inside the trainer's own handler list).
         resume: restore ``save_dir/filename`` when the trainer starts, if it exists.
         filename: name of the latest checkpoint.
         save_interval: epochs between saves; the final state is always saved when training ends.
@@ -68,6 +69,7 @@ class TrainingCheckpoint:
         self.save_interval = save_interval
 
     def attach(self, engine: Engine) -> None:
+        self.save_dict.setdefault("trainer", engine)
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)

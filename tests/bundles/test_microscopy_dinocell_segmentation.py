@@ -21,10 +21,10 @@ BUNDLE = REPO_ROOT / "bundles" / "microscopy_dinocell_segmentation"
 CONFIGS = BUNDLE / "configs"
 # a 2-block ViT with patch 8 and a narrow decoder: the tests are about wiring, not accuracy
 TINY_NETWORK = [
-    "--network_def#depth", "2", "--network_def#embed_dim", "32", "--network_def#num_heads", "2",
+    "--network_def#depth", "4", "--network_def#embed_dim", "32", "--network_def#num_heads", "2",
     "--network_def#decoder_channels", "[32,16,16,8]",
 ]
-QUICK = ["--pretrained", "false", "--num_workers", "0", "--progress", "false", "--patch_size", "[64,64]"]
+QUICK = ["--pretrained", "False", "--num_workers", "0", "--progress", "False", "--patch_size", "[64,64]"]
 
 
 def configs(*names: str) -> str:
@@ -47,8 +47,8 @@ def pretrained_backbone(dataset: Path) -> Path:
         "run", "pretraining", "--config_file", str(CONFIGS / "pretrain.json"), "--bundle_root", str(work),
         "--unlabelled_dir", str(dataset / "raw" / "train"), "--epochs", "1", "--batch_size", "2",
         "--global_size", "64", "--local_size", "32", "--n_local", "2", "--warmup_epochs", "1", "--out_dim", "64",
-        "--head_def#hidden_dim", "64", "--head_def#bottleneck_dim", "32", "--num_workers", "0", "--progress", "false",
-        "--backbone_def#depth", "2", "--backbone_def#embed_dim", "32", "--backbone_def#num_heads", "2",
+        "--head_def#hidden_dim", "64", "--head_def#bottleneck_dim", "32", "--num_workers", "0", "--progress", "False",
+        "--backbone_def#depth", "4", "--backbone_def#embed_dim", "32", "--backbone_def#num_heads", "2",
     ))
     return work / "models" / "ssl_backbone.pt"
 
@@ -60,7 +60,7 @@ def trained(dataset: Path, pretrained_backbone: Path) -> Path:
     run_command(bundle_command(
         "run", "training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(work),
         "--dataset_dir", str(dataset / "arrays"), "--epochs", "2", "--warmup_iterations", "2",
-        "--backbone_checkpoint", str(pretrained_backbone), "--freeze_backbone", "false", *QUICK, *TINY_NETWORK,
+        "--backbone_checkpoint", str(pretrained_backbone), "--freeze_backbone", "False", *QUICK, *TINY_NETWORK,
     ))
     return work
 
@@ -80,7 +80,7 @@ def test_resume_continues_training(dataset: Path, trained: Path):
     result = run_command(bundle_command(
         "run", "training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(trained),
         "--dataset_dir", str(dataset / "arrays"), "--epochs", "3", "--warmup_iterations", "2",
-        "--freeze_backbone", "false", "--resume", "true", *QUICK, *TINY_NETWORK,
+        "--freeze_backbone", "False", "--resume", "True", *QUICK, *TINY_NETWORK,
     ))
     log = result.stdout + result.stderr
     assert "resumed from" in log and "Epoch[3]" in log and "Epoch[1]" not in log
@@ -126,7 +126,7 @@ def test_two_process_ddp_on_cpu(dataset: Path, tmp_path: Path):
         "--log-dir", str(logs), "--tee", "3", "-m", "monai.bundle", "run", "training",
         "--config_file", configs("train.json", "multi_gpu_train.json"), "--bundle_root", str(work),
         "--dataset_dir", str(dataset / "arrays"), "--epochs", "1", "--warmup_iterations", "1", "--batch_size", "1",
-        "--freeze_backbone", "false", *QUICK, *TINY_NETWORK,
+        "--freeze_backbone", "False", *QUICK, *TINY_NETWORK,
     ], OMP_NUM_THREADS="1")
     rank_logs = {rank: "".join(p.read_text() for p in logs.rglob(f"*/{rank}/std*.log")) for rank in (0, 1)}
     for rank, text in rank_logs.items():

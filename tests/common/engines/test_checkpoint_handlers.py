@@ -25,7 +25,7 @@ def _trainer(tmp_path, max_epochs, resume):
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: scheduler.step())
     checkpoint = TrainingCheckpoint(
         tmp_path,
-        {"network": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer},
+        {"network": network, "optimizer": optimizer, "lr_scheduler": scheduler},
         resume=resume,
     )
     checkpoint.attach(trainer)
