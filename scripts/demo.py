@@ -51,8 +51,7 @@ def metrics_table(entries: list[dict], values: dict[str, str]) -> tuple[list[str
     for entry in entries:
         path = Path(substitute(entry["file"], values))
         summary = json.loads(path.read_text())
-        overall = summary.get("overall", summary)
-        figures = {k: v for k, v in overall.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        figures = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         rows.append({"name": entry["name"], "file": str(path.relative_to(ROOT)), **figures})
     columns = [c for c in ("SEG", "DET", "OP_CSB") if any(c in r for r in rows)]
     columns += sorted({k for r in rows for k in r} - set(columns) - {"name", "file"})

@@ -51,6 +51,8 @@ class NonFiniteLossGuard:
 
     def __call__(self, engine: Engine) -> None:
         loss = self.output_transform(engine.state.output)
+        if isinstance(loss, (tuple, list)):  # from_engine gives a 1-tuple for a dict output
+            loss = loss[0]
         value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
         if math.isfinite(value):
             return

@@ -119,6 +119,9 @@ class ViTUNet(nn.Module):
                 f"block_indices must be 4 increasing integers in [0, {depth - 1}] (ViT depth {depth}), "
                 f"got {block_indices}."
             )
+        # drop what the decoder never reads (final norm, head, blocks after the last index): it would
+        # cost compute and leave parameters without gradients, which DistributedDataParallel rejects
+        self.backbone.prune_intermediate_layers(block_indices, prune_norm=True, prune_head=True)
         self.patch_size = patch_size[0]
         self.block_indices = block_indices
         self.freeze_backbone = freeze_backbone

@@ -65,8 +65,9 @@ def trained(dataset: Path, pretrained_backbone: Path) -> Path:
     return work
 
 
-def test_verifier_passes(tmp_path):
-    report = verify_bundle(BUNDLE)
+def test_verifier_passes():
+    # train.json asks for the DINO weights by default; the verifier builds the network offline
+    report = verify_bundle(BUNDLE, overrides={"pretrained": False})
     assert report.ok, report.format()
 
 
@@ -98,9 +99,9 @@ def test_tune_evaluate_baseline_and_infer(dataset: Path, trained: Path, tmp_path
     for folder in ("test", "baseline_test"):
         summary = json.loads((trained / "eval" / folder / "ctc_metrics.json").read_text())
         for name in ("SEG", "DET", "OP_CSB"):
-            assert 0.0 <= summary["overall"][name] <= 1.0
+            assert 0.0 <= summary[name] <= 1.0
     baseline = json.loads((trained / "eval" / "baseline_test" / "ctc_metrics.json").read_text())
-    assert baseline["overall"]["DET"] > 0.2, "the classical baseline should find cells on the synthetic data"
+    assert baseline["DET"] > 0.2, "the classical baseline should find cells on the synthetic data"
 
     output_dir = tmp_path / "inference"
     run_command(bundle_command(
@@ -115,7 +116,7 @@ def test_tune_evaluate_baseline_and_infer(dataset: Path, trained: Path, tmp_path
         assert next(output_dir.rglob(f"{image.stem}*overlay*.png")).is_file()
         with open(next(output_dir.rglob(f"{image.stem}*cells*.csv"))) as f:
             rows = list(csv.DictReader(f))
-        assert len(rows) == len(np.unique(labels)) - 1
+        assert len(rows) == len(np.unique(labels[labels > 0]))
 
 
 def test_two_process_ddp_on_cpu(dataset: Path, tmp_path: Path):

@@ -38,3 +38,12 @@ def test_finite_loss_passes():
     )
     trainer.run()
     assert trainer.state.iteration == 1
+
+
+def test_dict_output_from_custom_iteration_update():
+    """Custom steps (e.g. DINO) return a plain dict that is not decollated."""
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(state=SimpleNamespace(output={"loss": torch.tensor(float("inf"))}, batch={}, epoch=1, iteration=3))
+    with pytest.raises(InputDataError, match="loss became inf"):
+        NonFiniteLossGuard()(engine)
