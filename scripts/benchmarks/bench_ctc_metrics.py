@@ -11,29 +11,15 @@ usual mistakes (shifted borders, missed, merged and spurious cells), and reports
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from common.io.instance_outputs import atomic_write
+from benchmark_utils import median_seconds, save_report
+
+from common.data.synthetic.cells import voronoi_labels
 from common.metrics.ctc import ctc_scores
-
-
-def synthetic_cells(rng: np.random.Generator, n_cells: int, size: int) -> np.ndarray:
-    """Voronoi cells around random seeds, each cut to a disc, so neighbours touch and gaps remain."""
-    seeds = np.zeros((size, size), dtype=np.int64)
-    seeds.flat[rng.choice(size * size, n_cells, replace=False)] = np.arange(1, n_cells + 1)
-    distance, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-    labels = seeds[iy, ix]
-    typical_radius = 0.6 * size / np.sqrt(n_cells)
-    radius = rng.uniform(0.6, 1.2, n_cells + 1) * typical_radius
-    labels[distance > radius[labels]] = 0
-    return labels
 
 
 def perturbed_prediction(rng: np.random.Generator, reference: np.ndarray) -> np.ndarray:
@@ -67,28 +53,19 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = np.random.default_rng(args.seed)
-    reference = synthetic_cells(rng, args.cells, args.size)
+    reference = voronoi_labels((args.size, args.size), args.cells, seed=args.seed, foreground=0.8)
     prediction = perturbed_prediction(rng, reference)
-    ctc_scores(reference, prediction)  # warm-up: first-touch page faults and lazy imports
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        scores = ctc_scores(reference, prediction)
-        times.append(time.perf_counter() - start)
-
+    seconds, scores = median_seconds(lambda: ctc_scores(reference, prediction), args.repeats)
     result = {
         "benchmark": "common.metrics.ctc.ctc_scores",
         "image_size": [args.size, args.size],
         "reference_cells": scores.n_reference,
         "predicted_cells": scores.n_prediction,
         "repeats": args.repeats,
-        "median_seconds": statistics.median(times),
-        "min_seconds": min(times),
+        "median_seconds": seconds,
         "scores": scores.as_dict(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
     }
-    text = json.dumps(result, indent=2) + "\n"
-    atomic_write(args.output, lambda f: f.write(text.encode("utf-8")))
+    save_report(result, args.output)
     print(
         f"ctc_scores on {args.size}x{args.size} with {scores.n_reference} cells: "
         f"median {result['median_seconds'] * 1000:.1f} ms over {args.repeats} runs "
