@@ -57,7 +57,8 @@ class ViTUNet(nn.Module):
         block_indices: four increasing ViT block indices, shallow to deep; default: evenly spaced
             ending at the last block ([2, 5, 8, 11] for 12 blocks).
         decoder_channels: channels of the decoder stages from stride P down to stride 1, so
-            log2(P) + 1 entries: 4 for patch 8, 5 for patch 16.
+            log2(P) + 1 entries: 4 for patch 8, 5 for patch 16. Default: 256 at stride P, halved
+            per stage down to 32, i.e. (256, 128, 64, 32) for patch 8 and (256, 128, 64, 32, 32) for 16.
         freeze_backbone: train only the decoder; the backbone also stays in eval mode.
         out_activation: ``"sigmoid"`` for maps in [0, 1], or ``None`` for logits.
         norm_name: MONAI normalisation of the decoder, e.g. ``"instance"`` or
@@ -74,7 +75,7 @@ class ViTUNet(nn.Module):
         in_channels: int = 3,
         out_channels: int = 1,
         block_indices: Sequence[int] | None = None,
-        decoder_channels: Sequence[int] = (256, 128, 64, 32),
+        decoder_channels: Sequence[int] | None = None,
         freeze_backbone: bool = False,
         out_activation: str | None = "sigmoid",
         norm_name: str | tuple = "instance",
@@ -87,7 +88,7 @@ class ViTUNet(nn.Module):
             )
         if out_activation not in OUT_ACTIVATIONS:
             raise ValueError(f"out_activation must be one of {OUT_ACTIVATIONS}, got {out_activation!r}.")
-        if not decoder_channels or any(c < 1 for c in decoder_channels):
+        if decoder_channels is not None and (not decoder_channels or any(c < 1 for c in decoder_channels)):
             raise ValueError(f"decoder_channels must be positive integers, got {tuple(decoder_channels)}.")
 
         self.backbone = create_vit_backbone(
@@ -103,6 +104,8 @@ class ViTUNet(nn.Module):
                 f"the ViT patch size must be square and a power of two >= 8, '{backbone}' has {patch_size}."
             )
         n_up = patch_size[0].bit_length() - 1
+        if decoder_channels is None:  # 256 at stride P, halving per stage, at least 32
+            decoder_channels = [max(256 >> k, 32) for k in range(n_up + 1)]
         if len(decoder_channels) != n_up + 1:
             raise ValueError(
                 f"'{backbone}' has patch size {patch_size[0]}, so decoder_channels needs {n_up + 1} entries "

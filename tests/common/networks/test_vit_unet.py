@@ -143,3 +143,10 @@ def test_every_trainable_parameter_gets_a_gradient():
     net(torch.randn(1, 3, 32, 32)).mean().backward()
     unused = [name for name, p in net.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, unused
+
+
+@pytest.mark.parametrize("config, channels", [(PATCH8, [256, 128, 64, 32]), (PATCH16, [256, 128, 64, 32, 32])])
+def test_default_decoder_channels_follow_the_patch_size(config, channels):
+    net = ViTUNet(**{k: v for k, v in config.items() if k != "decoder_channels"})
+    assert net(torch.randn(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+    assert [stage.upsample.out_channels for stage in net.stages] == channels[1:]
