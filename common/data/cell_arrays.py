@@ -25,8 +25,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from torch.utils.data import Dataset
 from common.data.cell_readers import CellSample, read_cellpose_folder, read_image_label_folders, read_livecell
 from common.data.distance_map import normalized_distance_map
 from common.errors import InputDataError
+from common.io.atomic import atomic_directory
 
 __all__ = ["DATASET_FILES", "build_cell_arrays", "CellArrayDataset", "main"]
 
@@ -63,21 +62,6 @@ def _check_replaceable(output_dir: Path) -> None:
             f"exists and holds files that are not part of a cell-array dataset ({', '.join(foreign[:5])}); "
             "refusing to replace it, choose another output folder",
         )
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is set aside first and deleted only after."""
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = new.with_name(new.name + ".old")
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old)
 
 
 def _write_arrays(samples: Sequence[CellSample], folder: Path) -> int:
@@ -129,15 +113,8 @@ def build_cell_arrays(samples: Sequence[CellSample], output_dir: str | os.PathLi
         duplicate = next(name for name in names if names.count(name) > 1)
         raise InputDataError(output_dir, f"two samples are named {duplicate!r}; sample names must be unique")
     _check_replaceable(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.with_name(f".{output_dir.name}.{uuid.uuid4().hex}.tmp")
-    staging.mkdir()  # unlike mkdtemp, honours the umask: the dataset is as readable as the user's files
-    try:
+    with atomic_directory(output_dir) as staging:
         cells = _write_arrays(samples, staging)
-        _replace_dir(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     height = max(s.size[0] for s in samples)
     width = max(s.size[1] for s in samples)
     logger.info("%s: %d images, %d cells, padded to %dx%d", output_dir, len(samples), cells, height, width)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from scipy import ndimage
 
 from common.data.distance_map import instance_distance_transform
 from common.errors import InputDataError
+from common.io.atomic import atomic_directory
 
 __all__ = ["MODALITIES", "synthesize_cell_image", "voronoi_labels", "generate_cell_dataset", "main"]
 
@@ -231,10 +230,7 @@ def generate_cell_dataset(
         raise InputDataError(
             output_dir, "exists and is not an earlier synthetic dataset; refusing to replace it"
         )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.with_name(f".{output_dir.name}.{uuid.uuid4().hex}.tmp")
-    staging.mkdir()  # unlike mkdtemp, honours the umask: the dataset is as readable as the user's files
-    try:
+    with atomic_directory(output_dir) as staging:
         counts = dict(zip(_SPLITS, (n_train, n_val, n_test)))
         for split_index, (split, count) in enumerate(counts.items()):
             (staging / split).mkdir()
@@ -247,12 +243,6 @@ def generate_cell_dataset(
         settings = {"generator": _GENERATOR, "format": "cellpose", "seed": seed, "size": list(size)}
         settings |= {"modality": modality, "splits": counts}
         (staging / "dataset.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)  # empty or regenerable: nothing of the user's is lost
-        os.rename(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 
