@@ -18,7 +18,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,14 +27,13 @@ from PIL import Image
 from scipy import ndimage
 
 from common.data.distance_map import instance_distance_transform
+from common.data.synthetic.output import SPLITS, synthetic_dataset_folder, write_dataset_json
 from common.errors import InputDataError
-from common.io.atomic import atomic_directory
 
 __all__ = ["MODALITIES", "synthesize_cell_image", "voronoi_labels", "generate_cell_dataset", "main"]
 
 MODALITIES = ("phase", "fluorescence", "mixed")
 _GENERATOR = "common.data.synthetic.cells"
-_SPLITS = ("train", "val", "test")
 _HARMONICS = np.arange(2, 5)  # boundary wobble: 2- to 4-fold, smooth at the scale of a cell
 
 
@@ -190,17 +188,6 @@ def voronoi_labels(
     return labels
 
 
-def _is_generated(folder: Path) -> bool:
-    """Whether ``folder`` holds an earlier output of this generator and nothing else."""
-    if any(p.name not in (*_SPLITS, "dataset.json") for p in folder.iterdir()):
-        return False
-    try:
-        settings = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-        return settings.get("generator") == _GENERATOR
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def generate_cell_dataset(
     output_dir: str | os.PathLike,
     n_train: int = 16,
@@ -226,12 +213,8 @@ def generate_cell_dataset(
     if min(size) < 32:
         raise ValueError(f"size must be at least 32x32 pixels, got {size}")
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not _is_generated(output_dir):
-        raise InputDataError(
-            output_dir, "exists and is not an earlier synthetic dataset; refusing to replace it"
-        )
-    with atomic_directory(output_dir) as staging:
-        counts = dict(zip(_SPLITS, (n_train, n_val, n_test)))
+    with synthetic_dataset_folder(output_dir, _GENERATOR) as staging:
+        counts = dict(zip(SPLITS, (n_train, n_val, n_test)))
         for split_index, (split, count) in enumerate(counts.items()):
             (staging / split).mkdir()
             for i in range(count):
@@ -240,9 +223,8 @@ def generate_cell_dataset(
                 image, labels = synthesize_cell_image(rng, size, str(image_modality))
                 Image.fromarray(image).save(staging / split / f"{i:03d}_img.png")
                 Image.fromarray(labels.astype(np.uint16)).save(staging / split / f"{i:03d}_masks.png")
-        settings = {"generator": _GENERATOR, "format": "cellpose", "seed": seed, "size": list(size)}
-        settings |= {"modality": modality, "splits": counts}
-        (staging / "dataset.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+        settings = {"format": "cellpose", "seed": seed, "size": list(size), "modality": modality, "splits": counts}
+        write_dataset_json(staging, _GENERATOR, settings)
     return output_dir
 
 

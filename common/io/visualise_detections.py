@@ -1,0 +1,261 @@
+"""Draw cell detections or annotations on their images, to check a dataset or a model by eye.
+
+Each box is outlined in its class's colour and labelled with the class name and, for predictions, the
+confidence. The first eight colours are the Okabe-Ito palette, told apart by colour-blind readers too.
+
+Command line (ground truth, or a detections CSV written by :class:`common.io.detections.DetectionCSVWriter`)::
+
+    python -m common.io.visualise_detections --images data/cytology/val/images \\
+        --csv data/cytology/val/annotations.csv --ground-truth --output reports/val_overlays
+    python -m common.io.visualise_detections --images data/cytology/val/images \\
+        --csv outputs/detections_20250101-120000.csv --output reports/val_predictions
+
+Each image gets ``<stem>_overlay.png`` in ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import io
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from PIL import Image, ImageDraw, ImageFont
+
+from common.data.cell_readers import read_image
+from common.data.cytology import BETHESDA_CLASSES, read_cell_csv
+from common.data.datalist import image_datalist
+from common.errors import InputDataError
+from common.io.atomic import atomic_write
+from common.io.detections import read_detections_csv, source_name
+
+__all__ = ["class_colours", "display_rgb", "draw_detections", "save_overlay", "SaveDetectionOverlayd", "main"]
+
+# Okabe & Ito (2008), "Color Universal Design": bluish green, sky blue, yellow, orange, reddish purple,
+# vermillion, blue, black; NILM, the commonest class, gets the calmest colour.
+_PALETTE = (
+    (0, 158, 115),
+    (86, 180, 233),
+    (240, 228, 66),
+    (230, 159, 0),
+    (204, 121, 167),
+    (213, 94, 0),
+    (0, 114, 178),
+    (0, 0, 0),
+)
+_GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+
+
+def class_colours(n_classes: int) -> list[tuple[int, int, int]]:
+    """One RGB colour per class: the palette first, then hues a golden-ratio step apart."""
+    extra = [
+        tuple(round(255 * c) for c in colorsys.hsv_to_rgb((k * _GOLDEN_RATIO_CONJUGATE) % 1.0, 0.85, 0.9))
+        for k in range(max(0, n_classes - len(_PALETTE)))
+    ]
+    return [*_PALETTE, *extra][:n_classes]
+
+
+def display_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An (H, W, 3) uint8 view of an (H, W, 3) or channel-first (3, H, W) / (1, H, W) image.
+
+    Values in [0, 1] are scaled by 255, values in [0, 255] kept; anything else (an ImageNet-normalised
+    tensor) has each channel stretched from its own minimum to maximum.
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+        image = np.moveaxis(image, 0, -1)
+    if image.ndim != 3 or image.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"expected an RGB or grey image (H, W, 3), (3, H, W) or (1, H, W), got {image.shape}"
+        )
+    if image.dtype != np.uint8:
+        image = image.astype(np.float64)
+        low, high = image.min(), image.max()
+        if low >= 0 and high <= 1:
+            image = image * 255
+        elif low < 0 or high > 255:
+            low = image.min(axis=(0, 1), keepdims=True)
+            span = image.max(axis=(0, 1), keepdims=True) - low
+            image = np.divide(image - low, span, out=np.zeros_like(image), where=span > 0) * 255
+        image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image)
+
+
+def _numpy(values: np.ndarray | torch.Tensor, dtype: type) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=dtype)
+
+
+def draw_detections(
+    image: np.ndarray,
+    boxes_or_points: np.ndarray | torch.Tensor,
+    class_indices: np.ndarray | torch.Tensor,
+    scores: np.ndarray | torch.Tensor | None = None,
+    class_names: Sequence[str] = BETHESDA_CLASSES,
+    box_size: float = 100,
+    line_width: int = 2,
+    font_size: int = 12,
+) -> np.ndarray:
+    """A copy of ``image`` (H, W, 3 uint8) with each detection outlined and labelled in its class colour.
+
+    Args:
+        image: the image to draw on.
+        boxes_or_points: (K, 4) xyxy boxes, or (K, 2) centres (x, y) drawn as ``box_size`` squares.
+        class_indices: (K,) indices into ``class_names``.
+        scores: (K,) confidences shown after the class name; ``None`` for ground truth.
+        class_names: the classes in index order.
+        box_size: side of the square drawn around a point, in pixels.
+        line_width: outline width in pixels.
+        font_size: label text height in pixels.
+
+    Raises:
+        ValueError: the image is not (H, W, 3) uint8, the shapes disagree, or a class index is out of range.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    boxes = _numpy(boxes_or_points, np.float64)
+    boxes = boxes.reshape(len(boxes), -1) if boxes.size else np.zeros((0, 4))
+    if boxes.shape[1] == 2:
+        boxes = np.concatenate([boxes - box_size / 2, boxes + box_size / 2], axis=1)
+    labels = _numpy(class_indices, np.int64).reshape(-1)
+    confidences = None if scores is None else _numpy(scores, np.float64).reshape(-1)
+    n = len(boxes)
+    if boxes.shape[1] != 4 or len(labels) != n or (confidences is not None and len(confidences) != n):
+        raise ValueError(
+            f"expected (K, 4) boxes or (K, 2) points with (K,) classes and scores, got {boxes.shape}, "
+            f"{labels.shape} and {None if confidences is None else confidences.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise ValueError(f"class indices must lie in 0..{len(class_names) - 1}, got {labels.tolist()}")
+
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=font_size)
+    colours = class_colours(len(class_names))
+    for k, ((x0, y0, x1, y1), label) in enumerate(zip(boxes, labels)):
+        colour = colours[label]
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=line_width)
+        text = class_names[label] if confidences is None else f"{class_names[label]} {confidences[k]:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        label_width, label_height = right - left + 3, bottom - top + 2
+        # above the box, or inside it where the box touches the top of the image; never off the image
+        label_x = max(0.0, x0)
+        label_y = y0 - label_height if y0 >= label_height else max(0.0, y0) + line_width
+        draw.rectangle((label_x, label_y, label_x + label_width, label_y + label_height), fill=colour)
+        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        ink = (0, 0, 0) if luminance > 128 else (255, 255, 255)
+        draw.text((label_x + 2 - left, label_y + 1 - top), text, fill=ink, font=font)
+    return np.asarray(canvas)
+
+
+def save_overlay(overlay: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an (H, W, 3) uint8 overlay as PNG, atomically."""
+    buffer = io.BytesIO()
+    Image.fromarray(overlay).save(buffer, format="PNG")
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+class SaveDetectionOverlayd(MapTransform):
+    """Write ``<stem>_overlay.png`` of each sample's detections over its image, in an evaluator's or
+    inferer's postprocessing after ``decollate_batch``; the data pass through unchanged.
+
+    Args:
+        keys: the keys of the points (K, 2) in image pixels, scores (K,) and class indices (K,).
+        output_dir: folder receiving the overlays.
+        image_key: the (C, H, W) ``MetaTensor`` image (may be normalised) whose file names the overlay.
+        class_names: the classes in index order.
+        box_size: side of the square drawn around each point, in pixels.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("points", "scores", "classes"),
+        output_dir: str | os.PathLike = "./outputs",
+        image_key: str = "image",
+        class_names: Sequence[str] = BETHESDA_CLASSES,
+        box_size: float = 100,
+    ) -> None:
+        super().__init__(keys)
+        if len(self.keys) != 3:
+            raise ValueError(f"keys must name the points, scores and classes, got {self.keys}")
+        self.output_dir = Path(output_dir)
+        self.image_key = image_key
+        self.class_names = tuple(class_names)
+        self.box_size = box_size
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        stem = Path(source_name(image, self.image_key)).stem
+        points, scores, classes = (d[key] for key in self.keys)
+        rgb = display_rgb(image)
+        overlay = draw_detections(rgb, points, classes, scores, self.class_names, self.box_size)
+        save_overlay(overlay, self.output_dir / f"{stem}_overlay.png")
+        return d
+
+
+def _overlays(
+    image_dir: Path, csv_file: Path, ground_truth: bool, class_names: Sequence[str]
+) -> list[tuple[Path, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """(image path, boxes, labels, scores or None) of every image to draw."""
+    if ground_truth:
+        return [
+            (Path(entry["image"]), entry["boxes"], entry["labels"], None)
+            for entry in read_cell_csv(csv_file, image_dir, class_names)
+        ]
+    detections = read_detections_csv(csv_file, class_names)
+    images = [Path(entry["image"]) for entry in image_datalist(image_dir)]
+    unknown = sorted(set(detections) - {p.name for p in images})
+    if unknown:
+        raise InputDataError(csv_file, f"detections for images not in {image_dir}: {', '.join(unknown[:5])}")
+    items = []
+    for path in images:
+        found = detections.get(path.name)
+        if found is None:  # no detection in this image: draw it bare, so every image has an overlay
+            items.append((path, np.zeros((0, 4)), np.zeros(0, dtype=np.int64), np.zeros(0)))
+        else:
+            items.append((path, found["boxes"], found["labels"], found["scores"]))
+    return items
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point: draw a CSV of annotations or detections on its images."""
+    parser = argparse.ArgumentParser(
+        prog="python -m common.io.visualise_detections", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--images", required=True, help="folder of the images named in the CSV")
+    parser.add_argument("--csv", required=True, help="annotation CSV, or detections CSV with a conf column")
+    parser.add_argument(
+        "--ground-truth", action="store_true", help="the CSV holds annotations, not detections"
+    )
+    parser.add_argument("--output", required=True, help="folder receiving <stem>_overlay.png files")
+    parser.add_argument(
+        "--class-names", nargs="+", default=list(BETHESDA_CLASSES), help="classes in index order"
+    )
+    args = parser.parse_args(argv)
+    image_dir, output_dir = Path(args.images), Path(args.output)
+    try:
+        if not image_dir.is_dir():
+            raise InputDataError(image_dir, "image folder not found")
+        items = _overlays(image_dir, Path(args.csv), args.ground_truth, args.class_names)
+        for path, boxes, labels, scores in items:
+            overlay = draw_detections(read_image(path), boxes, labels, scores, args.class_names)
+            save_overlay(overlay, output_dir / f"{path.stem}_overlay.png")
+    except InputDataError as err:
+        raise SystemExit(f"error: {err}") from err
+    print(f"wrote {len(items)} overlays to {output_dir}")
+
+
+if __name__ == "__main__":
+    main()

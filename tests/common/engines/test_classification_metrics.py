@@ -1,0 +1,100 @@
+import csv
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedEvaluator
+
+from common.engines.classification_metrics import (
+    ClassificationReportHandler,
+    balanced_accuracy,
+    classification_report,
+    confusion_matrix,
+    per_class_accuracy,
+)
+
+NAMES = ["NILM", "LSIL", "HSIL", "SCC"]
+# class 3 (SCC) has no samples and is never predicted
+Y_TRUE = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+Y_PRED = [0, 0, 1, 1, 2, 2, 2, 2, 0]
+CM = np.array([[2, 1, 0, 0], [0, 1, 1, 0], [1, 0, 3, 0], [0, 0, 0, 0]])
+BALANCED = (2 / 3 + 1 / 2 + 3 / 4) / 3
+
+
+def test_confusion_matrix_and_accuracies_on_a_hand_example():
+    cm = confusion_matrix(Y_TRUE, Y_PRED, 4)
+    np.testing.assert_array_equal(cm, CM)
+    np.testing.assert_allclose(per_class_accuracy(cm), [2 / 3, 1 / 2, 3 / 4, np.nan])
+    assert balanced_accuracy(cm) == pytest.approx(BALANCED)
+    assert math.isnan(balanced_accuracy(np.zeros((3, 3))))
+    with pytest.raises(ValueError, match=r"y_pred must lie in 0\.\.3"):
+        confusion_matrix([0], [4], 4)
+
+
+def test_report_figures():
+    report = classification_report(CM, NAMES)
+    assert report["n_samples"] == 9
+    assert report["accuracy"] == pytest.approx(6 / 9)
+    assert report["balanced_accuracy"] == pytest.approx(BALANCED)
+    nilm = {"support": 3, "recall": 2 / 3, "precision": 2 / 3, "f1": 2 / 3}
+    assert report["per_class"]["NILM"] == pytest.approx(nilm)
+    assert report["per_class"]["LSIL"]["f1"] == pytest.approx(2 * 1 / (2 + 2))
+    assert report["per_class"]["SCC"] == {"support": 0, "recall": None, "precision": None, "f1": None}
+    json.dumps(report, allow_nan=False)  # strict JSON
+
+
+def _one_hot(index: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(index), 4).float()
+
+
+def _logits(index: int) -> torch.Tensor:
+    return torch.full((4,), -1.0).index_fill_(0, torch.tensor(index), 2.0)
+
+
+def test_handler_on_an_engine_writes_the_report(tmp_path, caplog):
+    samples = [{"pred": _logits(p), "label": torch.tensor(t)} for t, p in zip(Y_TRUE, Y_PRED)]
+    samples[0]["label"] = _one_hot(Y_TRUE[0])  # one-hot labels work too
+    batches = [samples[:4], samples[4:]]
+    engine = Engine(lambda engine, batch: batch)
+    ClassificationReportHandler(NAMES, output_dir=tmp_path).attach(engine)
+    with caplog.at_level(logging.INFO, logger="common.engines.classification_metrics"):
+        engine.run(batches, max_epochs=2)  # the second epoch starts from scratch
+
+    assert engine.state.metrics["val_balanced_accuracy"] == pytest.approx(BALANCED)
+    assert engine.state.metrics["val_accuracy"] == pytest.approx(6 / 9)
+    assert "HSIL" in caplog.text and "balanced accuracy 0.6389" in caplog.text
+    report = json.loads((tmp_path / "classification_report.json").read_text())
+    assert report["confusion_matrix"] == CM.tolist()
+    with open(tmp_path / "confusion_matrix.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["true \\ predicted", *NAMES]
+    assert rows[3] == ["HSIL", "1", "0", "3", "0"]
+    assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bad_prediction_shape_is_reported():
+    engine = Engine(lambda engine, batch: batch)
+    ClassificationReportHandler(NAMES).attach(engine)
+    with pytest.raises(ValueError, match=r"'pred' has shape \(3,\)"):
+        engine.run([[{"pred": torch.zeros(3), "label": torch.tensor(0)}]], max_epochs=1)
+
+
+def test_inside_monai_supervised_evaluator():
+    """Inputs that already are logits through an identity network: the handler must find ``pred``
+    in MONAI's decollated output and ``label`` beside it."""
+    data = [{"image": _logits(p), "label": torch.tensor(t)} for t, p in zip(Y_TRUE, Y_PRED)]
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(Dataset(data), batch_size=4),
+        network=torch.nn.Identity(),
+    )
+    ClassificationReportHandler(NAMES, prefix="").attach(evaluator)
+    evaluator.run()
+    assert evaluator.state.metrics["balanced_accuracy"] == pytest.approx(BALANCED)
+    assert evaluator.state.metrics["accuracy"] == pytest.approx(6 / 9)
