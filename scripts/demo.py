@@ -46,20 +46,20 @@ def run_steps(name: str, spec: dict, values: dict[str, str], log_dir: Path) -> l
     return timings
 
 
-def metrics_table(entries: list[dict], values: dict[str, str]) -> tuple[list[str], list[dict]]:
+def metrics_table(report: dict, values: dict[str, str]) -> tuple[list[str], list[dict]]:
+    """One row per metrics file, with the ``columns`` the report asks for (those the file has)."""
+    columns = report["columns"]
     rows = []
-    for entry in entries:
+    for entry in report["metrics"]:
         path = Path(substitute(entry["file"], values))
         summary = json.loads(path.read_text())
-        figures = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        rows.append({"name": entry["name"], "file": str(path.relative_to(ROOT)), **figures})
-    columns = [c for c in ("SEG", "DET", "OP_CSB") if any(c in r for r in rows)]
-    columns += sorted({k for r in rows for k in r} - set(columns) - {"name", "file"})
+        figures = {k: summary[k] for k in columns if isinstance(summary.get(k), (int, float))}
+        rows.append({"name": entry["name"], "file": str(path), **figures})
     return columns, rows
 
 
 def write_report(name: str, spec: dict, values: dict[str, str], timings: list[dict], report_dir: Path) -> dict:
-    columns, rows = metrics_table(spec["report"]["metrics"], values)
+    columns, rows = metrics_table(spec["report"], values)
     image_dir = report_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     images = []
@@ -71,15 +71,30 @@ def write_report(name: str, spec: dict, values: dict[str, str], timings: list[di
     lines = [f"# {name}: demo report", "", spec.get("description", ""), "", "## Metrics", ""]
     lines += ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
-        cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     lines += ["", "## Steps", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {t['step']} | {t['seconds']} |" for t in timings]
     lines += ["", "## Overlays", ""] + [f"![{img}](images/{img})" for img in images]
     (report_dir / "README.md").write_text("\n".join(lines) + "\n")
-    summary = {"bundle": name, "metrics": rows, "steps": timings, "images": images}
+    summary = {"bundle": name, "headline": spec["report"]["headline"], "metrics": rows, "steps": timings, "images": images}
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def write_index(reports: Path) -> None:
+    """reports/README.md: one row per bundle report present, including those of earlier runs."""
+    index = ["# Demo reports", "", "| bundle | headline metrics | minutes |", "|---|---|---|"]
+    for summary_file in sorted(reports.glob("*/summary.json")):
+        s = json.loads(summary_file.read_text())
+        headline = "; ".join(
+            f"{r['name']}: " + ", ".join(f"{k} {r[k]:.3f}" for k in s.get("headline", []) if isinstance(r.get(k), float))
+            for r in s["metrics"]
+        )
+        minutes = sum(t["seconds"] for t in s["steps"]) / 60
+        index.append(f"| [{s['bundle']}]({s['bundle']}/README.md) | {headline} | {minutes:.1f} |")
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "README.md").write_text("\n".join(index) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default="data", help="where demo data is written")
     parser.add_argument("--work-root", default="runs/demo", help="where demo models and outputs are written")
     parser.add_argument("--reports", default="reports", help="report folder")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the reports from an earlier run's outputs")
     args = parser.parse_args(argv)
 
     bundle_dirs = sorted(p.parents[1] for p in (ROOT / "bundles").glob("*/configs/demo.json"))
@@ -96,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         missing = set(args.bundles) - {d.name for d in bundle_dirs}
         if missing:
             raise SystemExit(f"no configs/demo.json for: {', '.join(sorted(missing))}")
-    summaries = []
     for bundle_dir in bundle_dirs:
         name = bundle_dir.name
         values = {
@@ -107,19 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         spec = json.loads((bundle_dir / "configs" / "demo.json").read_text())
         report_dir = ROOT / args.reports / name
-        timings = run_steps(name, spec, values, report_dir / "logs")
-        summaries.append(write_report(name, spec, values, timings, report_dir))
+        if args.report_only:
+            timings = json.loads((report_dir / "summary.json").read_text())["steps"]
+        else:
+            timings = run_steps(name, spec, values, report_dir / "logs")
+        write_report(name, spec, values, timings, report_dir)
         print(f"[{name}] report: {(report_dir / 'README.md').relative_to(ROOT)}", flush=True)
 
-    index = ["# Demo reports", "", "| bundle | headline metrics | minutes |", "|---|---|---|"]
-    for s in summaries:
-        headline = "; ".join(
-            f"{r['name']}: " + ", ".join(f"{k} {r[k]:.3f}" for k in ("SEG", "DET", "OP_CSB") if k in r) for r in s["metrics"]
-        )
-        minutes = sum(t["seconds"] for t in s["steps"]) / 60
-        index.append(f"| [{s['bundle']}]({s['bundle']}/README.md) | {headline} | {minutes:.1f} |")
-    (ROOT / args.reports).mkdir(parents=True, exist_ok=True)
-    (ROOT / args.reports / "README.md").write_text("\n".join(index) + "\n")
+    write_index(ROOT / args.reports)
     print(f"wrote {Path(args.reports) / 'README.md'}")
     return 0
 
