@@ -23,8 +23,8 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import decollate_batch
 
+from common.engines.samples import iteration_samples
 from common.io.atomic import atomic_write
 
 __all__ = [
@@ -156,21 +156,14 @@ class ClassificationReportHandler:
 
     def update(self, engine: Engine) -> None:
         """Keep the predicted and true class of every sample of the iteration."""
-        outputs, batches = engine.state.output, engine.state.batch
-        if isinstance(outputs, Mapping):
-            outputs = decollate_batch(outputs)
-            batches = decollate_batch(batches) if isinstance(batches, Mapping) else batches
-        if not isinstance(batches, list) or len(batches) != len(outputs):
-            batches = [{}] * len(outputs)
-        for output, batch in zip(outputs, batches):
-            label = output[self.label_key] if self.label_key in output else batch.get(self.label_key)
-            if self.pred_key not in output or label is None:
+        for sample in iteration_samples(engine):
+            if self.pred_key not in sample or self.label_key not in sample:
                 raise KeyError(
-                    f"ClassificationReportHandler needs {self.pred_key!r} in the engine output and "
-                    f"{self.label_key!r} in the output or the batch; the output has {list(output)}"
+                    f"ClassificationReportHandler needs {self.pred_key!r} and {self.label_key!r} in the "
+                    f"engine output or batch; found {list(sample)}"
                 )
-            self._pred.append(self._class_index(output[self.pred_key], self.pred_key))
-            self._true.append(self._class_index(label, self.label_key))
+            self._pred.append(self._class_index(sample[self.pred_key], self.pred_key))
+            self._true.append(self._class_index(sample[self.label_key], self.label_key))
 
     def _class_index(self, value: Any, key: str) -> int:
         """A class index from an index (any shape with one element) or a per-class vector (argmax)."""

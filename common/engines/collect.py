@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from common.engines.samples import iteration_samples
+
 __all__ = ["OutputCollector"]
 
 
@@ -34,15 +36,11 @@ class OutputCollector:
         self.values = {k: [] for k in self.keys}
 
     def __call__(self, engine: Engine) -> None:
-        outputs, batches = engine.state.output, engine.state.batch
-        if isinstance(outputs, dict):
-            outputs, batches = [outputs], [batches]
-        for output, batch in zip(outputs, batches):
+        for sample in iteration_samples(engine):
             for key in self.keys:
-                source = output if key in output else batch
-                if key not in source:
-                    raise KeyError(f"{key!r} is neither in the engine output nor in the batch: {sorted(output)}")
-                value = source[key]
+                if key not in sample:
+                    raise KeyError(f"{key!r} is neither in the engine output nor in the batch: {sorted(sample)}")
+                value = sample[key]
                 array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
                 self.values[key].append(np.squeeze(array))
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor, decollate_batch
+from monai.data import MetaTensor
 
+from common.engines.samples import iteration_samples
 from common.io.atomic import atomic_write
 from common.metrics.ctc import CTCScores, aggregate_ctc, ctc_scores
 
@@ -93,7 +94,7 @@ class CTCMetricsHandler:
 
     def update(self, engine: Engine) -> None:
         """Score every sample of the iteration."""
-        for sample in _samples(engine):
+        for sample in iteration_samples(engine):
             for key in (self.pred_key, self.label_key):
                 if key not in sample:
                     raise KeyError(
@@ -152,22 +153,6 @@ class CTCMetricsHandler:
         for name, scores in records:
             writer.writerow([name, *_nan_to_none(scores.as_dict()).values()])
         atomic_write(self.output_dir / self.details_file, lambda f: f.write(table.getvalue().encode("utf-8")))
-
-
-def _samples(engine: Engine) -> list[Mapping[str, Any]]:
-    """One dict per sample: the output's entries completed by the batch's.
-
-    MONAI evaluators keep input keys that postprocessing does not rewrite (such as reference labels
-    loaded with the image) in ``engine.state.batch``, not in ``engine.state.output``. Both are lists of
-    per-sample dicts after ``decollate_batch``; a batched dict (``decollate=False``) is decollated here.
-    """
-    outputs, batches = engine.state.output, engine.state.batch
-    if isinstance(outputs, Mapping):
-        outputs = decollate_batch(outputs)
-        batches = decollate_batch(batches) if isinstance(batches, Mapping) else batches
-    if not isinstance(batches, list) or len(batches) != len(outputs):
-        batches = [{}] * len(outputs)
-    return [{**(b if isinstance(b, Mapping) else {}), **o} for o, b in zip(outputs, batches)]
 
 
 def _nan_to_none(value: Any) -> Any:

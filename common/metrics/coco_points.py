@@ -27,10 +27,11 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor, decollate_batch
+from monai.data import MetaTensor
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from common.engines.samples import iteration_samples
 from common.io.atomic import atomic_write
 
 __all__ = ["fixed_box_iou", "evaluate_point_detections", "CocoPointsEvaluationHandler"]
@@ -329,14 +330,7 @@ class CocoPointsEvaluationHandler:
 
     def update(self, engine: Engine) -> None:
         """Keep the detections and references of every image of the iteration, as NumPy arrays."""
-        outputs, batches = engine.state.output, engine.state.batch
-        if isinstance(outputs, Mapping):
-            outputs = decollate_batch(outputs)
-            batches = decollate_batch(batches) if isinstance(batches, Mapping) else batches
-        if not isinstance(batches, list) or len(batches) != len(outputs):
-            batches = [{}] * len(outputs)
-        for output, batch in zip(outputs, batches):
-            sample = {**(batch if isinstance(batch, Mapping) else {}), **output}
+        for sample in iteration_samples(engine):
             keys = (self.points_key, self.scores_key, self.classes_key, self.boxes_key, self.labels_key)
             missing = [k for k in keys if k not in sample]
             if missing:

@@ -116,7 +116,10 @@ def test_saved_backbone_loads_into_timm_and_vit_unet(trained):
     network = ViTUNet(TIMM_NAME, backbone_checkpoint=trained["path"], decoder_channels=(16, 8, 8, 8), **TINY)
     for key, value in teacher_backbone.items():
         assert torch.equal(plain.state_dict()[key], value), key
-        assert torch.equal(network.backbone.state_dict()[key], value), key
+    kept = network.backbone.state_dict()  # ViTUNet prunes the final norm it never reads
+    assert kept and set(kept) <= set(teacher_backbone)
+    for key, value in kept.items():
+        assert torch.equal(value, teacher_backbone[key]), key
     assert network(torch.rand(1, 3, 32, 32)).shape == (1, 1, 32, 32)
 
 

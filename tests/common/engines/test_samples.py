@@ -1,0 +1,23 @@
+import torch
+from ignite.engine import Engine
+
+from common.engines.samples import iteration_samples
+
+
+def _engine(output, batch):
+    engine = Engine(lambda e, b: None)
+    engine.state.output, engine.state.batch = output, batch
+    return engine
+
+
+def test_output_entries_are_completed_by_the_batch_and_win_on_conflicts():
+    engine = _engine([{"pred": 1, "label": "output"}, {"pred": 2, "label": "output"}],
+                     [{"label": "batch", "name": "a"}, {"label": "batch", "name": "b"}])
+    assert iteration_samples(engine) == [{"pred": 1, "label": "output", "name": "a"},
+                                         {"pred": 2, "label": "output", "name": "b"}]
+
+
+def test_batched_dicts_are_decollated():
+    engine = _engine({"pred": torch.tensor([[1.0], [2.0]])}, {"name": ["a", "b"]})
+    samples = iteration_samples(engine)
+    assert [s["name"] for s in samples] == ["a", "b"] and float(samples[1]["pred"][0]) == 2.0
