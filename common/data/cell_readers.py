@@ -17,7 +17,6 @@ Pixel conventions shared by all formats:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +31,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
+from common.data.coco import coco_field, coco_records, load_coco
 from common.errors import InputDataError
 
 __all__ = [
@@ -316,23 +316,6 @@ def _rasterize_segmentations(segmentations: Sequence[list | dict], height: int, 
     return rasterize_coco_instances([_to_rle(s, height, width) for s in segmentations], height, width)
 
 
-def _records(coco: dict, key: str, source: Path) -> list[dict]:
-    if key not in coco:
-        raise InputDataError(source, f'not a COCO annotation file: no "{key}" entry')
-    value = coco[key]
-    # LIVECell's per-cell-type files store annotations as {id: record} instead of a list
-    records = list(value.values()) if isinstance(value, dict) else value
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise InputDataError(source, f'"{key}" must be a list of objects')
-    return records
-
-
-def _field(record: dict, key: str, source: Path, what: str) -> Any:
-    if key not in record:
-        raise InputDataError(source, f'{what} has no "{key}"')
-    return record[key]
-
-
 def _image_finder(image_dir: Path) -> Callable[[str], Path | None]:
     """Looks a file name up in ``image_dir``, then (once indexed) anywhere below it: LIVECell ships
     its images both flat and in one subfolder per cell type."""
@@ -363,42 +346,36 @@ def read_livecell(annotation_file: str | os.PathLike, image_dir: str | os.PathLi
     """
     annotation_file = _require_file(annotation_file)
     image_dir = _require_dir(image_dir)
-    try:
-        with open(annotation_file, encoding="utf-8") as f:
-            coco = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputDataError(annotation_file, f"not valid JSON ({err})") from err
-    if not isinstance(coco, dict):
-        raise InputDataError(annotation_file, "not a COCO annotation file: top level is not an object")
-    images = _records(coco, "images", annotation_file)
-    annotations = _records(coco, "annotations", annotation_file)
+    coco = load_coco(annotation_file)
+    images = coco_records(coco, "images", annotation_file)
+    annotations = coco_records(coco, "annotations", annotation_file)
     if not annotations:
         raise InputDataError(annotation_file, "has no annotations")
 
     image_sizes: dict[Any, tuple[int, int]] = {}
     for record in images:
         what = f"image {record.get('id', '?')}"
-        image_id = _field(record, "id", annotation_file, "an image entry")
-        height, width = (_field(record, key, annotation_file, what) for key in ("height", "width"))
+        image_id = coco_field(record, "id", annotation_file, "an image entry")
+        height, width = (coco_field(record, key, annotation_file, what) for key in ("height", "width"))
         if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
             raise InputDataError(annotation_file, f"{what}: height and width must be positive integers")
         image_sizes[image_id] = (height, width)
     per_image: dict[Any, list] = {image_id: [] for image_id in image_sizes}
     for ann in annotations:
         ann_id = ann.get("id", "?")
-        image_id = _field(ann, "image_id", annotation_file, f"annotation {ann_id}")
+        image_id = coco_field(ann, "image_id", annotation_file, f"annotation {ann_id}")
         if image_id not in per_image:
             raise InputDataError(
                 annotation_file, f"annotation {ann_id} refers to unknown image_id {image_id}"
             )
-        segmentation = _field(ann, "segmentation", annotation_file, f"annotation {ann_id}")
+        segmentation = coco_field(ann, "segmentation", annotation_file, f"annotation {ann_id}")
         _check_segmentation(segmentation, *image_sizes[image_id], annotation_file, ann_id)
         per_image[image_id].append(segmentation)
 
     find = _image_finder(image_dir)
     samples = []
     for record in images:
-        file_name = str(_field(record, "file_name", annotation_file, f"image {record['id']}"))
+        file_name = str(coco_field(record, "file_name", annotation_file, f"image {record['id']}"))
         height, width = image_sizes[record["id"]]
         image_path = find(file_name)
         if image_path is None:

@@ -15,7 +15,6 @@ Only file headers are opened (for the image size), so a bad dataset fails in sec
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 
 from common.data.cell_readers import image_size
 from common.data.datalist import IMAGE_SUFFIXES
+from common.data.coco import coco_field, coco_records, load_coco
 from common.errors import InputDataError
 
 __all__ = [
@@ -229,31 +229,6 @@ def read_cell_csv(
     return _datalist(image_dir, cells, _image_names(image_dir) if include_empty else ())
 
 
-def _load_json(path: Path) -> Any:
-    if not path.is_file():
-        raise InputDataError(path, "file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputDataError(path, f"not valid JSON ({err})") from err
-
-
-def _coco_list(coco: Any, key: str, path: Path) -> list[dict]:
-    if not isinstance(coco, dict) or key not in coco:
-        raise InputDataError(path, f'not a COCO annotation file: no "{key}" list')
-    records = coco[key]
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise InputDataError(path, f'"{key}" must be a list of objects')
-    return records
-
-
-def _coco_field(record: dict, key: str, path: Path, what: str) -> Any:
-    if key not in record:
-        raise InputDataError(path, f'{what} has no "{key}"')
-    return record[key]
-
-
 def read_coco_cells(
     annotation_file: str | os.PathLike,
     image_dir: str | os.PathLike,
@@ -278,17 +253,17 @@ def read_coco_cells(
     """
     path = Path(annotation_file)
     image_dir = _require_dir(image_dir)
-    coco = _load_json(path)
+    coco = load_coco(path)
     images, annotations, categories = (
-        _coco_list(coco, key, path) for key in ("images", "annotations", "categories")
+        coco_records(coco, key, path) for key in ("images", "annotations", "categories")
     )
     if not annotations:
         raise InputDataError(path, "has no annotations")
 
     category_index: dict[Any, int] = {}
     for category in categories:
-        name = str(_coco_field(category, "name", path, "a category"))
-        category_id = _coco_field(category, "id", path, f"category {name!r}")
+        name = str(coco_field(category, "name", path, "a category"))
+        category_id = coco_field(category, "id", path, f"category {name!r}")
         try:
             category_index[category_id] = parse_class(name, class_names)
         except ValueError as err:
@@ -297,8 +272,8 @@ def read_coco_cells(
     sizes = _ImageSizes(image_dir)
     names: dict[Any, str] = {}
     for record in images:
-        image_id = _coco_field(record, "id", path, "an image entry")
-        name = Path(str(_coco_field(record, "file_name", path, f"image {image_id}"))).as_posix()
+        image_id = coco_field(record, "id", path, "an image entry")
+        name = Path(str(coco_field(record, "file_name", path, f"image {image_id}"))).as_posix()
         height, width = sizes(name, path, f"image {image_id}")
         if (record.get("height", height), record.get("width", width)) != (height, width):
             raise InputDataError(
@@ -312,7 +287,7 @@ def read_coco_cells(
     for ann in annotations:
         where = f"annotation {ann.get('id', '?')}"
         image_id, category_id, bbox = (
-            _coco_field(ann, key, path, where) for key in ("image_id", "category_id", "bbox")
+            coco_field(ann, key, path, where) for key in ("image_id", "category_id", "bbox")
         )
         if image_id not in names:
             raise InputDataError(path, f"{where} refers to unknown image_id {image_id!r}")

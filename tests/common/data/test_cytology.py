@@ -156,7 +156,10 @@ def test_coco_refuses_malformed_json(tmp_path, images):
     with pytest.raises(InputDataError, match="not valid JSON"):
         read_coco_cells(path, images)
     path.write_text("[]", encoding="utf-8")
-    with pytest.raises(InputDataError, match='no "images" list'):
+    with pytest.raises(InputDataError, match="top level is not an object"):
+        read_coco_cells(path, images)
+    path.write_text('{"annotations": []}', encoding="utf-8")
+    with pytest.raises(InputDataError, match='no "images" entry'):
         read_coco_cells(path, images)
 
 
