@@ -19,7 +19,7 @@ import timm
 import torch
 from torch import nn
 
-from common.networks.timm_backbone import load_backbone_weights
+from common.networks.timm_backbone import create_timm_model, load_backbone_weights
 
 __all__ = ["CenterNet", "UpsamplingBlock"]
 
@@ -141,14 +141,11 @@ class CenterNet(nn.Module):
         if not timm.is_model(name):
             raise ValueError(f"'{name}' is not a timm model; list CNNs with e.g. timm.list_models('resnet*').")
         try:
-            return timm.create_model(name, features_only=True, out_indices=(-1,), pretrained=pretrained)
+            return create_timm_model(name, pretrained, features_only=True, out_indices=(-1,))
         except (OSError, RuntimeError) as err:
-            if not pretrained:
-                raise ValueError(f"timm model '{name}' cannot be built with features_only ({err}).") from err
-            raise RuntimeError(
-                f"could not load the pretrained weights of timm model '{name}' ({err}). If this machine is "
-                "offline, pass a local weights file as `checkpoint` and set pretrained to false."
-            ) from err
+            if pretrained:
+                raise
+            raise ValueError(f"timm model '{name}' cannot be built with features_only ({err}).") from err
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The stride-4 feature map the heads read, (B, deconv_channels[-1], H/4, W/4)."""

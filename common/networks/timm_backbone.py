@@ -24,6 +24,7 @@ from common.errors import InputDataError
 from common.io.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
 
 __all__ = [
+    "create_timm_model",
     "create_vit_backbone",
     "load_backbone_weights",
     "default_block_indices",
@@ -35,6 +36,24 @@ logger = logging.getLogger(__name__)
 
 # Wrappers that prefix backbone keys: DistributedDataParallel, DINO/MAE models, encoder-decoder nets.
 STRIP_PREFIXES = ("module.", "backbone.", "encoder.")
+
+
+def create_timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with one clear error when pretrained weights cannot be fetched.
+
+    Hospitals often train offline; a failed download must say what to do instead of surfacing a
+    network stack trace, and must never fall back to random weights silently.
+    """
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not load the pretrained weights of timm model '{name}' ({err}). If this machine is "
+            "offline, pass a local weights file as `checkpoint` (or `backbone_checkpoint`) and set "
+            "pretrained to false."
+        ) from err
 
 
 def create_vit_backbone(
@@ -65,21 +84,11 @@ def create_vit_backbone(
     if not timm.is_model(name):
         raise ValueError(f"'{name}' is not a timm model; list ViTs with timm.list_models('vit_*').")
     try:
-        model = timm.create_model(
-            name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **timm_kwargs
-        )
+        model = create_timm_model(name, pretrained, num_classes=0, dynamic_img_size=True, **timm_kwargs)
     except TypeError as err:
         raise ValueError(
             f"timm model '{name}' does not accept dynamic_img_size/{sorted(timm_kwargs)}; "
             f"only ViT-style models are supported ({err})"
-        ) from err
-    except (OSError, RuntimeError) as err:
-        if not pretrained:
-            raise
-        raise RuntimeError(
-            f"could not load the pretrained weights of timm model '{name}' ({err}). If this machine is "
-            "offline, pass a local weights file as `checkpoint` (or `backbone_checkpoint`) and set "
-            "pretrained to false."
         ) from err
     if not hasattr(model, "forward_intermediates"):
         raise ValueError(f"timm model '{name}' has no forward_intermediates(); use a ViT-style model.")
