@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -31,6 +32,7 @@ class LoadCellImaged(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             path = str(d[key])
-            pixels = torch.from_numpy(read_image(path)).permute(2, 0, 1).float()
+            # one copy to channel-first float32, which also makes the decoder's read-only buffer writable
+            pixels = torch.from_numpy(np.ascontiguousarray(read_image(path).transpose(2, 0, 1), dtype=np.float32))
             d[key] = MetaTensor(pixels, meta={"filename_or_obj": path, "spatial_shape": tuple(pixels.shape[1:])})
         return d
