@@ -82,3 +82,20 @@ def test_evaluate_and_infer(trained, tmp_path):
         assert row["image_filename"] == "000.png" and row["class"] in BETHESDA_CLASSES
         assert 0.0 <= float(row["conf"]) <= 1.0 and float(row["width"]) == 100.0
     assert (output_dir / "overlays" / "000_overlay.png").is_file()
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    """Both stages under torchrun with 2 CPU processes: distributed samplers (the classifier's weighted
+    one included) and rank-0-only checkpoints."""
+    data = generate_smear_dataset(tmp_path / "data", n_train=2, n_val=2, n_test=1, size=256, seed=1)
+    work = tmp_path / "work"
+    run_command([
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+        "run", "training", "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
+        "--bundle_root", str(work), "--dataset_dir", str(data), "--pretrained", "False", "--num_workers", "0",
+        "--progress", "False", *SMALL_NETWORKS, "--detect#input_size", "128", "--detect#epochs", "1", "--detect#batch_size", "1",
+        "--classify#input_size", "64", "--classify#epochs", "1", "--classify#batch_size", "8",
+    ], OMP_NUM_THREADS="1")
+    assert sorted(p.name for p in (work / "models").iterdir()) == [
+        "classifier.pt", "classifier_checkpoint_latest.pt", "detector.pt", "detector_checkpoint_latest.pt"
+    ]
