@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,9 @@ SPLITS = ("train", "val", "test")
 _SETTINGS_FILE = "dataset.json"
 
 
-def _is_generated(folder: Path, generator: str) -> bool:
+def _is_generated(folder: Path, generator: str, subfolders: Sequence[str]) -> bool:
     """Whether ``folder`` holds an earlier output of ``generator`` and nothing else."""
-    if any(p.name not in (*SPLITS, _SETTINGS_FILE) for p in folder.iterdir()):
+    if any(p.name not in (*subfolders, _SETTINGS_FILE) for p in folder.iterdir()):
         return False
     try:
         settings = json.loads((folder / _SETTINGS_FILE).read_text(encoding="utf-8"))
@@ -31,14 +31,20 @@ def _is_generated(folder: Path, generator: str) -> bool:
 
 
 @contextmanager
-def synthetic_dataset_folder(output_dir: str | os.PathLike, generator: str) -> Iterator[Path]:
+def synthetic_dataset_folder(
+    output_dir: str | os.PathLike, generator: str, subfolders: Sequence[str] = SPLITS
+) -> Iterator[Path]:
     """Yield a staging folder that replaces ``output_dir`` when the block succeeds.
+
+    ``subfolders`` names what the generator writes besides ``dataset.json``; an existing folder holding
+    anything else is the user's and is never replaced.
 
     Raises:
         InputDataError: ``output_dir`` exists, is not empty and is not an earlier output of ``generator``.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not _is_generated(output_dir, generator):
+    replaceable = not output_dir.exists() or not any(output_dir.iterdir())
+    if not replaceable and not _is_generated(output_dir, generator, subfolders):
         raise InputDataError(output_dir, "exists and is not an earlier synthetic dataset; refusing to replace it")
     with atomic_directory(output_dir) as staging:
         yield staging
