@@ -17,18 +17,11 @@ from common.networks.timm_backbone import create_vit_backbone
 from common.networks.vit_unet import ViTUNet
 from common.transforms.multicrop import MultiCropViewsd
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TIMM_NAME = "vit_small_patch8_224"
 TINY = {"depth": 4, "embed_dim": 32, "num_heads": 2, "img_size": 32}
 N_GLOBAL, N_LOCAL, OUT_DIM = 2, 2, 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread, and on shared CPUs more threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _blob_images(n: int, size: int = 64, seed: int = 0) -> list[dict]:

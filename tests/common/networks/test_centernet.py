@@ -9,16 +9,9 @@ from common.io.checkpoint import save_checkpoint
 from common.networks import centernet
 from common.networks.centernet import CenterNet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = {"backbone": "resnet18", "deconv_channels": (32, 16, 8), "head_channels": 8}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread, and on shared CPUs more threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_resnet34_output_is_heatmap_and_offsets_at_stride_4():

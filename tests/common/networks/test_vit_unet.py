@@ -7,18 +7,11 @@ from common.errors import InputDataError
 from common.networks.timm_backbone import create_vit_backbone, save_backbone
 from common.networks.vit_unet import ViTUNet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {"depth": 4, "embed_dim": 48, "num_heads": 2}
 PATCH8 = {"backbone": "vit_small_patch8_224", "decoder_channels": (32, 16, 8, 8), **TINY}
 PATCH16 = {"backbone": "vit_small_patch16_dinov3", "decoder_channels": (32, 16, 8, 8, 8), **TINY}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest on one thread, and on shared CPUs more threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass
