@@ -4,29 +4,26 @@
 ``network`` is the student (optionally wrapped in DistributedDataParallel) and whose data loader
 yields the views of :class:`~common.transforms.multicrop.MultiCropViewsd` (the trainer's
 ``loss_function`` is unused by the step; pass the same :class:`~common.losses.dino.DINOLoss`).
-:class:`SaveBackboneHandler` writes the teacher's backbone, the weights the segmentation bundles
-fine-tune, as training goes. The teacher EMA momentum and the loss's temperature warm-up are read off
+:class:`common.engines.backbone.SaveBackboneHandler` writes the teacher's backbone, the weights the
+segmentation bundles fine-tune, as training goes. The teacher EMA momentum and the loss's temperature warm-up are read off
 ``engine.state.iteration``, so a resumed run continues both schedules where they stopped.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Any
 
-import ignite.distributed as idist
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 
 from common.losses.dino import DINOLoss
 from common.networks.dino import DINOModel
-from common.networks.timm_backbone import save_backbone
 
-__all__ = ["cosine_momentum", "DINOIterationUpdate", "SaveBackboneHandler"]
+__all__ = ["cosine_momentum", "DINOIterationUpdate"]
 
 
 def cosine_momentum(iteration: int, total_iterations: int, start: float = 0.996, end: float = 1.0) -> float:
@@ -145,37 +142,3 @@ class DINOIterationUpdate:
         engine.state.output = {"loss": loss.detach()}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-
-class SaveBackboneHandler:
-    """Write the teacher's backbone with :func:`~common.networks.timm_backbone.save_backbone`.
-
-    Saved every ``save_interval_epochs`` epochs and when training completes, on rank 0 only, to one
-    file that is replaced atomically, so an interrupted run always leaves the latest complete backbone.
-    The file loads into ``ViTUNet(backbone=timm_name, backbone_checkpoint=path)`` and, strictly, into
-    ``timm.create_model(timm_name, num_classes=0, **config)``.
-
-    Args:
-        model: the teacher (the EMA model is the better feature extractor in DINO).
-        path: output file, e.g. ``models/dino_backbone.pt``.
-        timm_name: timm model name recorded in the file.
-        save_interval_epochs: save every this many epochs.
-    """
-
-    def __init__(
-        self, model: DINOModel, path: str | os.PathLike, timm_name: str, save_interval_epochs: int = 1
-    ) -> None:
-        if save_interval_epochs < 1:
-            raise ValueError(f"save_interval_epochs must be >= 1, got {save_interval_epochs}.")
-        self.model = model
-        self.path = path
-        self.timm_name = timm_name
-        self.save_interval_epochs = save_interval_epochs
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval_epochs), self)
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        if idist.get_rank() == 0:
-            save_backbone(self.model.backbone, self.path, timm_name=self.timm_name)

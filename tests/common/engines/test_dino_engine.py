@@ -9,8 +9,9 @@ from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.handlers import from_engine
 
-from common.engines import dino as dino_engine
-from common.engines.dino import DINOIterationUpdate, SaveBackboneHandler, cosine_momentum
+from common.engines import backbone as backbone_engine
+from common.engines.backbone import SaveBackboneHandler
+from common.engines.dino import DINOIterationUpdate, cosine_momentum
 from common.losses.dino import DINOLoss
 from common.networks.dino import DINOHead, DINOModel, make_teacher
 from common.networks.timm_backbone import create_vit_backbone
@@ -76,7 +77,7 @@ def _train(lr: float, backbone_path: Path) -> dict:
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED, lambda e: losses.append(float(loss_of(e.state.output)[0]))
     )
-    SaveBackboneHandler(teacher, backbone_path, TIMM_NAME).attach(trainer)
+    SaveBackboneHandler(teacher.backbone, backbone_path, TIMM_NAME).attach(trainer)
     initial = [p.clone() for p in teacher.parameters()]
     trainer.run()
     return {"losses": losses, "path": backbone_path, "teacher": teacher, "loss": loss, "initial": initial}
@@ -147,8 +148,8 @@ def test_last_layer_frozen_at_first_and_save_on_rank_0_only(tmp_path, monkeypatc
         loss_function=loss,
         iteration_update=update,
     )
-    monkeypatch.setattr(dino_engine.idist, "get_rank", lambda: 1)
-    SaveBackboneHandler(teacher, tmp_path / "backbone.pt", TIMM_NAME).attach(trainer)
+    monkeypatch.setattr(backbone_engine.idist, "get_rank", lambda: 1)
+    SaveBackboneHandler(teacher.backbone, tmp_path / "backbone.pt", TIMM_NAME).attach(trainer)
     trainer.run()
     assert torch.equal(student.head.last_layer.weight, last_layer)
     assert not torch.equal(student.head.mlp[0].weight, first_mlp)
