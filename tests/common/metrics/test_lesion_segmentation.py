@@ -92,7 +92,8 @@ def test_a_missed_lesion():
 def test_images_without_predictions_and_empty_references():
     lesion = _square(10, 10)
     # the second image is not listed in the predictions at all
-    results = coco_instance_metrics([_reference("a", lesion), _reference("b", lesion)], [_prediction("a", lesion)])
+    ground_truth = [_reference("a", lesion), _reference("b", lesion)]
+    results = coco_instance_metrics(ground_truth, [_prediction("a", lesion)])
     assert results["segm_AP50"] == pytest.approx(51 / 101)
     no_lesions = coco_instance_metrics([_reference("a")], [])
     assert all(math.isnan(no_lesions[key]) for key in COCO_KEYS)
@@ -148,7 +149,8 @@ def test_handler_on_an_engine(tmp_path, caplog):
             "lesion_mask": torch.as_tensor(np.zeros((SIZE, SIZE), bool) if lesion is None else lesion)[None],
         }
         ref = _reference(name, *references)
-        batch = {"name": name, "instances": torch.as_tensor(ref["instances"]), "labels": torch.tensor(ref["labels"])}
+        instances, labels = torch.as_tensor(ref["instances"]), torch.as_tensor(ref["labels"])
+        batch = {"name": name, "instances": instances, "labels": labels}
         iterations.append(([batch], [output]))
 
     def step(engine, data):
@@ -167,7 +169,8 @@ def test_handler_on_an_engine(tmp_path, caplog):
     # a (score 0.9) matches at every IoU threshold; b (score 0.45) at 0.5 only: recall 1/2 elsewhere
     expected_ap = (1 + 9 * 51 / 101) / 10
     assert metrics["segm_AP50"] == pytest.approx(1.0)
-    assert metrics["segm_AP"] == pytest.approx(expected_ap) and metrics["bbox_AP"] == pytest.approx(expected_ap)
+    assert metrics["segm_AP"] == pytest.approx(expected_ap)
+    assert metrics["bbox_AP"] == pytest.approx(expected_ap)
     assert "lesion segmentation over 3 images" in caplog.text
 
     saved = json.loads((tmp_path / "lesion_metrics.json").read_text())
@@ -176,6 +179,7 @@ def test_handler_on_an_engine(tmp_path, caplog):
     with open(tmp_path / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["name"] for row in rows] == ["a.png", "b.png", "empty.png"]
-    assert float(rows[1]["jaccard"]) == pytest.approx(14 / 26, abs=1e-6) and float(rows[1]["thresholded_jaccard"]) == 0
+    assert float(rows[1]["jaccard"]) == pytest.approx(14 / 26, abs=1e-6)
+    assert float(rows[1]["thresholded_jaccard"]) == 0
     assert rows[2]["n_references"] == "0" and float(rows[2]["dice"]) == 1.0
     assert not list(tmp_path.glob(".*.tmp"))

@@ -1,0 +1,486 @@
+"""Lesion segmentation metrics: COCO box and mask AP of instance predictions, ISIC per-image overlap.
+
+Two views of the same predictions, each computed the way its field reports it:
+
+- COCO AP (pycocotools' ``COCOeval``, ``bbox`` and ``segm``) of the detected lesion instances, so that a
+  Mask R-CNN compares with published detection figures.
+- The ISIC 2018 Task 1 scores of the lesion area: per image, the union of the predicted lesion masks
+  against the union of the reference masks gives the Jaccard index, the Dice coefficient and the
+  thresholded Jaccard (a Jaccard below 0.65 counts as 0, because ISIC judged such a segmentation to need
+  manual correction). Dataset figures are means over images. An image where prediction and reference
+  are both empty scores 1 (nothing to find, nothing found); an empty reference with a non-empty
+  prediction scores 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from common.engines.samples import iteration_samples
+from common.errors import InputDataError
+from common.io.atomic import atomic_write
+
+__all__ = [
+    "ISIC_JACCARD_THRESHOLD",
+    "overlap_scores",
+    "lesion_overlap_scores",
+    "coco_instance_metrics",
+    "LesionSegmentationEvaluationHandler",
+]
+
+ISIC_JACCARD_THRESHOLD = 0.65
+_COCO_FIGURES = {"AP": 0, "AP50": 1, "AP75": 2}  # positions in COCOeval.stats
+_COCO_KEYS = tuple(f"{iou_type}_{figure}" for iou_type in ("bbox", "segm") for figure in _COCO_FIGURES)
+_PER_IMAGE_FIELDS = ("jaccard", "dice", "thresholded_jaccard")
+
+
+def overlap_scores(
+    intersection: np.ndarray,
+    predicted_area: np.ndarray,
+    reference_area: np.ndarray,
+    threshold: float = ISIC_JACCARD_THRESHOLD,
+) -> dict[str, np.ndarray]:
+    """Per-image ``jaccard``, ``dice`` and ``thresholded_jaccard`` from pixel counts, vectorised.
+
+    Both empty scores 1 (the division would be 0/0); an empty reference with a non-empty prediction
+    scores 0, as the formulas give.
+    """
+    intersection = np.asarray(intersection, np.float64)
+    total = np.asarray(predicted_area, np.float64) + np.asarray(reference_area, np.float64)
+    union = total - intersection
+    empty = total == 0
+    jaccard = np.where(empty, 1.0, intersection / np.where(empty, 1.0, union))
+    dice = np.where(empty, 1.0, 2 * intersection / np.where(empty, 1.0, total))
+    return {
+        "jaccard": jaccard,
+        "dice": dice,
+        "thresholded_jaccard": np.where(jaccard < threshold, 0.0, jaccard),
+    }
+
+
+def lesion_overlap_scores(
+    predicted: Sequence[Any],
+    reference: Sequence[Any],
+    threshold: float = ISIC_JACCARD_THRESHOLD,
+) -> dict[str, np.ndarray]:
+    """ISIC per-image scores of binary lesion masks (see :func:`overlap_scores`).
+
+    Args:
+        predicted, reference: one mask per image, (H, W) or a stack (N, H, W) whose union is the lesion
+            area (a (1, H, W) channel-first mask is such a stack). Images may differ in size.
+        threshold: Jaccard below which ``thresholded_jaccard`` is 0.
+
+    Raises:
+        ValueError: different numbers of images, or a prediction and reference of different sizes.
+    """
+    if len(predicted) != len(reference):
+        raise ValueError(f"{len(predicted)} predicted masks for {len(reference)} reference masks.")
+    counts = np.array(
+        [_overlap_counts(p, r, f"image {i}") for i, (p, r) in enumerate(zip(predicted, reference))],
+        np.int64,
+    ).reshape(-1, 3)
+    return overlap_scores(*counts.T, threshold=threshold)
+
+
+def _overlap_counts(predicted: Any, reference: Any, name: str) -> tuple[int, int, int]:
+    """(intersection, predicted area, reference area) in pixels of two lesion masks."""
+    predicted, reference = _union(predicted), _union(reference)
+    if predicted.shape != reference.shape:
+        raise InputDataError(name, f"predicted mask is {predicted.shape} but reference is {reference.shape}")
+    return int((predicted & reference).sum()), int(predicted.sum()), int(reference.sum())
+
+
+def _union(mask: Any) -> np.ndarray:
+    mask = _numpy(mask).astype(bool)
+    return mask.any(axis=0) if mask.ndim == 3 else mask
+
+
+def coco_instance_metrics(
+    ground_truth: Sequence[Mapping[str, Any]],
+    predictions: Sequence[Mapping[str, Any]],
+    category_names: Sequence[str] = ("lesion",),
+    mask_threshold: float = 0.5,
+) -> dict[str, Any]:
+    """COCO AP@[.5:.95], AP@.5 and AP@.75 of predicted instance boxes and masks.
+
+    Args:
+        ground_truth: one dict per evaluated image (images without lesions included): ``name``,
+            ``instances`` (N, H, W) binary masks, ``labels`` (N,) category indices from 1
+            (torchvision's convention: 0 is background).
+        predictions: one dict per image with predictions (missing images have none): ``name``,
+            ``masks`` (K, H, W) or (K, 1, H, W) binary masks or probabilities, ``boxes`` (K, 4) xyxy in
+            pixels, ``scores`` (K,), ``labels`` (K,).
+        category_names: names of categories 1, 2, ...
+        mask_threshold: probabilities above it are in the mask.
+
+    Returns:
+        ``bbox_AP``, ``bbox_AP50``, ``bbox_AP75``, ``segm_AP``, ``segm_AP50``, ``segm_AP75`` (NaN without
+        any reference lesion), with several categories ``per_category`` (name -> the same six figures),
+        counts, and ``summary``, the text ``COCOeval.summarize`` prints.
+
+    Raises:
+        InputDataError: duplicate names, predictions for an unknown image, masks of the wrong size,
+            array lengths that disagree, or labels outside ``1..len(category_names)``.
+    """
+    images: dict[str, dict[str, Any]] = {}
+    for item in ground_truth:
+        name = _name_of(item)
+        if name in images:
+            raise InputDataError(name, "image appears twice in the ground truth")
+        images[name] = _encode_reference(name, item["instances"], item["labels"], len(category_names))
+    predicted: set[str] = set()
+    for item in predictions:
+        name = _name_of(item)
+        if name not in images:
+            raise InputDataError(name, "predictions for an image that is not in the ground truth")
+        if name in predicted:
+            raise InputDataError(name, "image appears twice in the predictions")
+        predicted.add(name)
+        images[name]["detections"] = _encode_detections(
+            name, item, images[name]["size"], len(category_names), mask_threshold
+        )
+    return _evaluate(list(images.values()), list(category_names))
+
+
+def _name_of(item: Mapping[str, Any]) -> str:
+    if "name" not in item:
+        raise InputDataError(None, f"every image needs a 'name'; got keys {sorted(item)}")
+    return str(item["name"])
+
+
+def _encode_reference(name: str, instances: Any, labels: Any, n_categories: int) -> dict[str, Any]:
+    """An image record: its size, and its reference lesions as RLEs (compact enough to gather)."""
+    instances = _numpy(instances)
+    if instances.ndim != 3:
+        raise InputDataError(name, f"reference instances must be (N, H, W), got shape {instances.shape}")
+    labels = _labels(name, labels, len(instances), n_categories, "reference")
+    return {
+        "name": name,
+        "size": instances.shape[1:],
+        "references": [(_rle(mask), int(label)) for mask, label in zip(instances, labels)],
+        "detections": [],
+    }
+
+
+def _encode_detections(
+    name: str, item: Mapping[str, Any], size: tuple[int, int], n_categories: int, mask_threshold: float
+) -> list[tuple[dict[str, Any], list[float], float, int]]:
+    """(mask RLE, xywh box, score, label) of every detection of an image."""
+    masks = _numpy(item["masks"])
+    masks = masks.reshape(-1, *masks.shape[-2:]) if masks.ndim == 4 else masks
+    if masks.ndim != 3 or masks.shape[1:] != tuple(size):
+        raise InputDataError(
+            name, f"predicted masks of shape {masks.shape} for an image of size {tuple(size)}"
+        )
+    binary = masks if masks.dtype == bool else masks > mask_threshold
+    boxes = _numpy(item["boxes"]).astype(np.float64).reshape(-1, 4)
+    scores = _numpy(item["scores"]).astype(np.float64).reshape(-1)
+    labels = _labels(name, item["labels"], len(masks), n_categories, "predicted")
+    if not len(boxes) == len(scores) == len(masks):
+        raise InputDataError(name, f"{len(masks)} masks, {len(boxes)} boxes and {len(scores)} scores")
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    return [
+        (_rle(mask), box, float(score), int(label))
+        for mask, box, score, label in zip(binary, xywh.tolist(), scores, labels)
+    ]
+
+
+def _labels(name: str, labels: Any, count: int, n_categories: int, what: str) -> np.ndarray:
+    labels = _numpy(labels).astype(np.int64).reshape(-1)
+    if len(labels) != count:
+        raise InputDataError(name, f"{len(labels)} {what} labels for {count} masks")
+    if len(labels) and (labels.min() < 1 or labels.max() > n_categories):
+        raise InputDataError(
+            name, f"{what} labels must lie in 1..{n_categories}, found {labels.min()}..{labels.max()}"
+        )
+    return labels
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    return mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+
+
+def _evaluate(images: list[dict[str, Any]], category_names: list[str]) -> dict[str, Any]:
+    """COCO box and mask figures of encoded image records."""
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(category_names)]
+    image_entries = [
+        {"id": i + 1, "height": int(record["size"][0]), "width": int(record["size"][1])}
+        for i, record in enumerate(images)
+    ]
+    references, detections = [], {"bbox": [], "segm": []}
+    for image_id, record in enumerate(images, start=1):
+        for rle, label in record["references"]:
+            references.append(
+                {
+                    "id": len(references) + 1,
+                    "image_id": image_id,
+                    "category_id": label,
+                    "segmentation": rle,
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": mask_utils.toBbox(rle).tolist(),
+                    "iscrowd": 0,
+                }
+            )
+        for rle, box, score, label in record["detections"]:
+            common = {"image_id": image_id, "category_id": label, "score": score, "iscrowd": 0}
+            # each iouType ranks detections by its own area (COCO.loadRes does the same)
+            detections["bbox"].append({**common, "bbox": box, "area": box[2] * box[3]})
+            detections["segm"].append(
+                {**common, "segmentation": rle, "bbox": box, "area": float(mask_utils.area(rle))}
+            )
+
+    results: dict[str, Any] = {}
+    per_category: dict[str, dict[str, float]] = {name: {} for name in category_names}
+    summaries = []
+    for iou_type in ("bbox", "segm"):
+        for i, ann in enumerate(detections[iou_type], start=1):
+            ann["id"] = i
+        evaluation, summary = _run_cocoeval(
+            image_entries, categories, references, detections[iou_type], iou_type
+        )
+        summaries.append(f"{iou_type}:\n{summary}")
+        for figure, position in _COCO_FIGURES.items():
+            results[f"{iou_type}_{figure}"] = _missing_as_nan(float(evaluation.stats[position]))
+        for c, name in enumerate(category_names):
+            per_category[name].update(_category_figures(evaluation, c, iou_type))
+    if len(category_names) > 1:
+        results["per_category"] = per_category
+    results["n_images"] = len(images)
+    results["n_references"] = len(references)
+    results["n_detections"] = len(detections["segm"])
+    results["summary"] = "\n".join(summaries)
+    return results
+
+
+def _run_cocoeval(
+    images: list[dict], categories: list[dict], references: list[dict], detections: list[dict], iou_type: str
+) -> tuple[COCOeval, str]:
+    """Evaluate and summarise in memory, keeping the summary text and dropping pycocotools' progress."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        # both sets are built directly: COCO.loadRes cannot take an empty detection list
+        coco_gt, coco_dt = _coco(images, categories, references), _coco(images, categories, detections)
+        evaluation = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        evaluation.evaluate()
+        evaluation.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        evaluation.summarize()
+    return evaluation, summary.getvalue().rstrip()
+
+
+def _coco(images: list[dict], categories: list[dict], annotations: list[dict]) -> COCO:
+    coco = COCO()
+    coco.dataset = {"images": images, "categories": categories, "annotations": annotations}
+    coco.createIndex()
+    return coco
+
+
+def _category_figures(evaluation: COCOeval, category: int, iou_type: str) -> dict[str, float]:
+    """AP, AP50 and AP75 of one category, NaN when it has no reference lesion."""
+    # precision: (IoU thresholds, recall thresholds, categories, area ranges, max detections); -1 = none
+    params = evaluation.params
+    precision = evaluation.eval["precision"][:, :, category, params.areaRngLbl.index("all"), -1]
+    if not (precision > -1).all():
+        return {f"{iou_type}_{figure}": math.nan for figure in _COCO_FIGURES}
+    at = {iou: int(np.flatnonzero(np.isclose(params.iouThrs, iou))[0]) for iou in (0.5, 0.75)}
+    return {
+        f"{iou_type}_AP": float(precision.mean()),
+        f"{iou_type}_AP50": float(precision[at[0.5]].mean()),
+        f"{iou_type}_AP75": float(precision[at[0.75]].mean()),
+    }
+
+
+def _missing_as_nan(value: float) -> float:
+    return math.nan if value < 0 else value  # COCOeval reports -1 when there is nothing to score
+
+
+class LesionSegmentationEvaluationHandler:
+    """Score an evaluation run with COCO box/mask AP and the ISIC per-image lesion scores.
+
+    Attach to the evaluator whose postprocessing puts, per image, the instance predictions under
+    ``masks_key`` (K, 1, H, W) probabilities, ``boxes_key`` (K, 4) xyxy, ``scores_key`` and
+    ``pred_labels_key``, and the final binary lesion mask under ``lesion_mask_key`` (1, H, W); the
+    references ``instances_key`` (N, H, W) and ``labels_key`` (N,) come from the output or the batch.
+    Each iteration's masks are encoded as RLEs at once, so memory grows with the lesions, not the
+    pixels. At the end of the epoch ``bbox_AP``, ``bbox_AP50``, ``bbox_AP75``, ``segm_AP``,
+    ``segm_AP50``, ``segm_AP75``, ``jaccard``, ``dice`` and ``thresholded_jaccard`` go into
+    ``engine.state.metrics``, a summary is logged, and with ``output_dir`` ``metrics_file`` (JSON) and
+    ``per_image_file`` (CSV) are written atomically. Under DDP every rank's images are gathered (an
+    image met twice, as DistributedSampler pads, counts once) and rank 0 writes.
+
+    Args:
+        category_names: names of categories 1, 2, ...
+        output_dir: folder of the written files; ``None`` writes nothing.
+        mask_threshold: predicted mask probabilities above it are in the instance mask.
+        jaccard_threshold: Jaccard below which an image's ``thresholded_jaccard`` is 0 (ISIC: 0.65).
+        masks_key, boxes_key, scores_key, pred_labels_key: keys of the instance predictions.
+        lesion_mask_key: key of the post-processed binary lesion mask.
+        instances_key, labels_key: keys of the reference instance masks and their labels.
+        name_key: key of the image name; without it the ``filename_or_obj`` of ``image_key``'s
+            metadata, else the position on the rank.
+        image_key: key of the image MetaTensor.
+        metrics_file, per_image_file: names of the written files.
+        logger_name: logger receiving the summary.
+    """
+
+    def __init__(
+        self,
+        category_names: Sequence[str] = ("lesion",),
+        output_dir: str | os.PathLike | None = None,
+        mask_threshold: float = 0.5,
+        jaccard_threshold: float = ISIC_JACCARD_THRESHOLD,
+        masks_key: str = "pred_masks",
+        boxes_key: str = "pred_boxes",
+        scores_key: str = "pred_scores",
+        pred_labels_key: str = "pred_labels",
+        lesion_mask_key: str = "lesion_mask",
+        instances_key: str = "instances",
+        labels_key: str = "labels",
+        name_key: str = "name",
+        image_key: str = "image",
+        metrics_file: str = "lesion_metrics.json",
+        per_image_file: str = "per_image.csv",
+        logger_name: str = __name__,
+    ) -> None:
+        self.category_names = list(category_names)
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.mask_threshold = mask_threshold
+        self.jaccard_threshold = jaccard_threshold
+        self.masks_key, self.boxes_key, self.scores_key = masks_key, boxes_key, scores_key
+        self.pred_labels_key, self.lesion_mask_key = pred_labels_key, lesion_mask_key
+        self.instances_key, self.labels_key = instances_key, labels_key
+        self.name_key, self.image_key = name_key, image_key
+        self.metrics_file, self.per_image_file = metrics_file, per_image_file
+        self.logger = logging.getLogger(logger_name)
+        self._records: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self._records = []
+
+    def update(self, engine: Engine) -> None:
+        """Encode the predictions and references of every image of the iteration."""
+        keys = (
+            self.masks_key, self.boxes_key, self.scores_key, self.pred_labels_key,
+            self.lesion_mask_key, self.instances_key, self.labels_key,
+        )
+        for sample in iteration_samples(engine):
+            missing = [key for key in keys if key not in sample]
+            if missing:
+                raise KeyError(
+                    f"LesionSegmentationEvaluationHandler: no {missing} in the engine output or batch; "
+                    f"found {sorted(sample)}"
+                )
+            name = self._name(sample)
+            n_categories = len(self.category_names)
+            references = sample[self.instances_key]
+            record = _encode_reference(name, references, sample[self.labels_key], n_categories)
+            detections = {
+                "masks": sample[self.masks_key],
+                "boxes": sample[self.boxes_key],
+                "scores": sample[self.scores_key],
+                "labels": sample[self.pred_labels_key],
+            }
+            record["detections"] = _encode_detections(
+                name, detections, record["size"], n_categories, self.mask_threshold
+            )
+            record["counts"] = _overlap_counts(sample[self.lesion_mask_key], references, name)
+            self._records.append(record)
+
+    def _name(self, sample: Mapping[str, Any]) -> str:
+        name = sample.get(self.name_key)
+        if isinstance(name, (str, os.PathLike)) and os.fspath(name):
+            return os.fspath(name)
+        image = sample.get(self.image_key)
+        source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+        if isinstance(source, (str, os.PathLike)) and os.fspath(source):
+            return os.fspath(source)
+        return f"rank{idist.get_rank()}_image{len(self._records)}"
+
+    def complete(self, engine: Engine) -> None:
+        """Gather all ranks' images, evaluate, publish, log and write the figures."""
+        records: dict[str, dict[str, Any]] = {}
+        for rank_records in idist.all_gather(self._records):
+            for record in rank_records:
+                records.setdefault(record["name"], record)
+        images = list(records.values())
+        if not images:
+            raise RuntimeError("LesionSegmentationEvaluationHandler: the epoch produced no images to score.")
+        results = _evaluate(images, self.category_names)
+        counts = np.array([record["counts"] for record in images], np.int64)
+        per_image = overlap_scores(*counts.T, threshold=self.jaccard_threshold)
+        for field in _PER_IMAGE_FIELDS:
+            results[field] = float(per_image[field].mean())
+        results["jaccard_threshold"] = self.jaccard_threshold
+
+        for key in (*_COCO_KEYS, *_PER_IMAGE_FIELDS):
+            engine.state.metrics[key] = results[key]
+        self.logger.info(
+            "lesion segmentation over %d images: jaccard %.4f, dice %.4f, thresholded jaccard %.4f, "
+            "bbox AP %.4f, segm AP %.4f, segm AP50 %.4f\n%s",
+            len(images), results["jaccard"], results["dice"], results["thresholded_jaccard"],
+            results["bbox_AP"], results["segm_AP"], results["segm_AP50"], results["summary"],
+        )
+        if self.output_dir is not None and idist.get_rank() == 0:
+            text = json.dumps(_nan_to_none(results), indent=2) + "\n"
+            atomic_write(self.output_dir / self.metrics_file, lambda f: f.write(text.encode("utf-8")))
+            table = _per_image_table(images, counts, per_image)
+            atomic_write(self.output_dir / self.per_image_file, lambda f: f.write(table.encode("utf-8")))
+
+
+def _per_image_table(images: list[dict[str, Any]], counts: np.ndarray, scores: dict[str, np.ndarray]) -> str:
+    """CSV text: one row per image with its scores, pixel counts and lesion counts."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(
+        ["name", *_PER_IMAGE_FIELDS, "predicted_pixels", "reference_pixels", "n_detections", "n_references"]
+    )
+    for i, record in enumerate(images):
+        writer.writerow(
+            [
+                record["name"],
+                *(f"{scores[field][i]:.6f}" for field in _PER_IMAGE_FIELDS),
+                int(counts[i, 1]),
+                int(counts[i, 2]),
+                len(record["detections"]),
+                len(record["references"]),
+            ]
+        )
+    return text.getvalue()
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _nan_to_none(value: Any) -> Any:
+    """Strict JSON has no NaN: a figure without references is written as ``null``."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    return value
