@@ -92,13 +92,14 @@ def _images(batch: Mapping[str, Any]) -> list[Any]:
             raise ValueError(f"batch has {len(images)} images but {len(values)} entries under '{key}'.")
     for i, image in enumerate(images):
         if not torch.is_tensor(image) or image.ndim != 3:
-            raise InputDataError(
-                _source(image), f"sample {i}: image must be a (C, H, W) tensor, got {getattr(image, 'shape', type(image))}"
-            )
+            shape = getattr(image, "shape", type(image))
+            raise InputDataError(_source(image), f"sample {i}: image must be a (C, H, W) tensor, got {shape}")
     return images
 
 
-def _target(batch: Mapping[str, Any], i: int, device: torch.device, non_blocking: bool) -> dict[str, torch.Tensor]:
+def _target(
+    batch: Mapping[str, Any], i: int, device: torch.device, non_blocking: bool
+) -> dict[str, torch.Tensor]:
     """Sample ``i``'s torchvision target: float32 xyxy boxes, int64 labels, uint8 masks, all checked."""
     image = batch[IMAGE][i]
     path = _source(image)
@@ -115,9 +116,8 @@ def _target(batch: Mapping[str, Any], i: int, device: torch.device, non_blocking
     if labels.shape != (n,):
         raise InputDataError(path, f"{n} boxes but labels of shape {tuple(labels.shape)}")
     if masks.shape != (n, height, width):
-        raise InputDataError(
-            path, f"instances must be ({n}, {height}, {width}) for {n} boxes on this image, got {tuple(masks.shape)}"
-        )
+        expected = (n, height, width)
+        raise InputDataError(path, f"instances must be {expected} for {n} boxes, got {tuple(masks.shape)}")
     if n and bool((labels < 1).any()):
         raise InputDataError(path, f"labels must be >= 1 (0 is the background), got {labels.tolist()}")
     flat = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
@@ -125,6 +125,20 @@ def _target(batch: Mapping[str, Any], i: int, device: torch.device, non_blocking
         raise InputDataError(path, f"boxes need x1 > x0 and y1 > y0 (xyxy), got {boxes[flat].tolist()}")
     target = {BOXES: boxes, LABELS: labels, "masks": masks.to(torch.uint8)}
     return {k: v.to(device, non_blocking=non_blocking) for k, v in target.items()}
+
+
+def _require_no_decollation(engine: Engine) -> None:
+    """Fail early, and say why, when the engine was built with MONAI's default ``decollate=True``.
+
+    MONAI registers its decollation as a ``MODEL_COMPLETED`` handler named ``_decollate_data``; on a
+    detection batch it would fail later with an ``IndexError`` from deep inside ``decollate_batch``.
+    """
+    handlers = engine._event_handlers.get(IterationEvents.MODEL_COMPLETED, [])
+    if any(getattr(handler, "__name__", "") == "_decollate_data" for handler, *_ in handlers):
+        raise ValueError(
+            f"build the {type(engine).__name__} with decollate=False: MONAI's decollation splits the "
+            "per-sample lists of a detection batch (see common.engines.detection)."
+        )
 
 
 def _autocast(amp: bool, device: torch.device) -> Any:
@@ -161,12 +175,15 @@ class DetectionTrainingStep:
     def _total(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         unknown = set(self.loss_weights) - set(losses)
         if unknown:
-            raise ValueError(f"loss_weights names {sorted(unknown)}, but the detector returns {sorted(losses)}.")
+            raise ValueError(
+                f"loss_weights names {sorted(unknown)}, but the detector returns {sorted(losses)}."
+            )
         return sum(self.loss_weights.get(name, 1.0) * value.float() for name, value in losses.items())
 
     def __call__(self, engine: Engine, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if getattr(engine, "accumulation_steps", 1) > 1:
             raise ValueError("DetectionTrainingStep does not accumulate gradients; set accumulation_steps=1.")
+        _require_no_decollation(engine)
         device = torch.device(engine.state.device or "cpu")
         non_blocking = bool(getattr(engine, "non_blocking", False))
         images = [_plain(image).to(device, non_blocking=non_blocking) for image in _images(batch)]
@@ -226,6 +243,7 @@ class DetectionInferenceStep:
         self.amp = amp
 
     def __call__(self, engine: Engine, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        _require_no_decollation(engine)
         device = torch.device(engine.state.device or "cpu")
         non_blocking = bool(getattr(engine, "non_blocking", False))
         originals = _images(batch)
@@ -238,6 +256,6 @@ class DetectionInferenceStep:
             {key: values[i] if isinstance(values, (list, tuple)) else values for key, values in batch.items()}
             for i in range(len(images))
         ]
-        engine.state.output = [_predictions(original, found) for original, found in zip(originals, detections)]
+        engine.state.output = [_predictions(image, found) for image, found in zip(originals, detections)]
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

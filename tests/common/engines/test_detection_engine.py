@@ -1,5 +1,3 @@
-import logging
-
 import pytest
 import torch
 from ignite.engine import Engine
@@ -78,7 +76,7 @@ def test_collate_rejects_empty_batches_and_mixed_keys():
         detection_collate([{"image": 1, "name": "a"}, {"image": 2}])
 
 
-def test_trainer_runs_two_iterations_logs_every_loss_and_fires_monai_events(caplog):
+def test_trainer_runs_two_iterations_logs_every_loss_and_fires_monai_events(capsys):
     model = tiny_mask_rcnn()
     before = [p.detach().clone() for p in model.parameters()]
     loader = DataLoader(lesion_samples(), batch_size=1, collate_fn=detection_collate)
@@ -98,8 +96,7 @@ def test_trainer_runs_two_iterations_logs_every_loss_and_fires_monai_events(capl
                   IterationEvents.BACKWARD_COMPLETED, IterationEvents.MODEL_COMPLETED):
         trainer.add_event_handler(event, lambda e, name=event.name: events.append(name))
     trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, lambda e: outputs.append(e.state.output))
-    with caplog.at_level(logging.INFO, logger="detection_test"):
-        trainer.run()
+    trainer.run()
 
     assert trainer.state.iteration == 2
     assert events == ["FORWARD_COMPLETED", "LOSS_COMPLETED", "BACKWARD_COMPLETED", "MODEL_COMPLETED"] * 2
@@ -108,7 +105,7 @@ def test_trainer_runs_two_iterations_logs_every_loss_and_fires_monai_events(capl
         assert all(v.ndim == 0 and not v.requires_grad and torch.isfinite(v) for v in output.values())
         torch.testing.assert_close(output["loss"], sum(output[k] for k in LOSSES))
     assert trainer.state.output is outputs[-1]
-    logged = caplog.text
+    logged = capsys.readouterr().out
     assert "loss: " in logged and "loss_mask: " in logged and "Iter: 2/2" in logged
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -171,13 +168,12 @@ def test_evaluator_returns_per_sample_predictions_at_input_size_beside_the_refer
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda s: s.update(instances=torch.zeros(2, SIZE, 32, dtype=torch.uint8)), r"instances must be \(2, 64, 64\)"),
+        (lambda s: s.update(instances=torch.zeros(2, SIZE, 32, dtype=torch.uint8)), r"must be \(2, 64, 64\)"),
         (lambda s: s.update(boxes=torch.tensor([[4.0, 6, 4, 28], [36, 34, 60, 62]])), "x1 > x0"),
         (lambda s: s.update(labels=torch.tensor([1, 0])), "labels must be >= 1"),
         (lambda s: s.update(labels=torch.tensor([1])), r"2 boxes but labels of shape \(1,\)"),
         (lambda s: s.pop("instances"), r"training needs \['instances'\]"),
-        (lambda s: s.update(image=MetaTensor(torch.rand(SIZE, SIZE), meta={"filename_or_obj": "/data/two_lesions.jpg"})),
-         r"\(C, H, W\)"),
+        (lambda s: s.update(image=MetaTensor(torch.rand(SIZE, SIZE), meta=s["image"].meta)), r"\(C, H, W\)"),
     ],
 )
 def test_training_rejects_bad_samples_naming_the_file(change, message):
@@ -197,3 +193,33 @@ def test_steps_reject_batches_not_collated_for_detection():
     uneven = {"image": [torch.rand(3, SIZE, SIZE)] * 2, "name": ["a"]}
     with pytest.raises(ValueError, match="1 entries under 'name'"):
         DetectionTrainingStep()(cpu_engine(), uneven)
+
+
+@pytest.mark.parametrize("step", [DetectionTrainingStep(), DetectionInferenceStep()])
+def test_engines_built_with_decollation_are_rejected_with_the_fix(step):
+    model = tiny_mask_rcnn()
+    loader = DataLoader(lesion_samples(), batch_size=2, collate_fn=detection_collate)
+    if isinstance(step, DetectionTrainingStep):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        engine = SupervisedTrainer(torch.device("cpu"), 1, loader, model, optimizer, None,
+                                   iteration_update=step)
+    else:
+        engine = SupervisedEvaluator(torch.device("cpu"), loader, model, iteration_update=step)
+    with pytest.raises(ValueError, match="decollate=False"):
+        engine.run()
+
+
+def test_mixed_precision_on_cpu_trains_and_predicts_in_float32():
+    model = tiny_mask_rcnn(box_score_thresh=0.0, box_detections_per_img=3)
+    loader = DataLoader(lesion_samples(), batch_size=2, collate_fn=detection_collate)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    trainer = SupervisedTrainer(torch.device("cpu"), 1, loader, model, optimizer, None,
+                                iteration_update=DetectionTrainingStep(amp=True), decollate=False)
+    trainer.run()
+    loss = trainer.state.output["loss"]
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    evaluator = SupervisedEvaluator(torch.device("cpu"), loader, model,
+                                    iteration_update=DetectionInferenceStep(amp=True), decollate=False)
+    evaluator.run()
+    for output in evaluator.state.output:
+        assert output["pred_masks"].dtype == output["pred_scores"].dtype == torch.float32
