@@ -32,7 +32,7 @@ def run_steps(name: str, spec: dict, values: dict[str, str], log_dir: Path) -> l
     for index, step in enumerate(spec["steps"], start=1):
         command = [substitute(part, values) for part in step["command"]]
         log_file = log_dir / f"{index:02d}_{step['name'].replace(' ', '_')}.log"
-        print(f"[{name}] {index}/{len(spec['steps'])} {step['name']} (log: {log_file.relative_to(ROOT)})", flush=True)
+        print(f"[{name}] {index}/{len(spec['steps'])} {step['name']} (log: {log_file})", flush=True)
         start = time.perf_counter()
         with open(log_file, "w") as log:
             log.write("$ " + " ".join(command) + "\n")
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             timings = run_steps(name, spec, values, report_dir / "logs")
         write_report(name, spec, values, timings, report_dir)
-        print(f"[{name}] report: {(report_dir / 'README.md').relative_to(ROOT)}", flush=True)
+        print(f"[{name}] report: {report_dir / 'README.md'}", flush=True)
 
     write_index(ROOT / args.reports)
     print(f"wrote {Path(args.reports) / 'README.md'}")
