@@ -12,8 +12,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from common.data.cell_readers import read_image
+from common.data.dermoscopy import read_binary_mask
 
-__all__ = ["LoadCellImaged"]
+__all__ = ["LoadCellImaged", "LoadBinaryMaskd"]
 
 
 class LoadCellImaged(MapTransform):
@@ -35,4 +36,24 @@ class LoadCellImaged(MapTransform):
             # one copy to channel-first float32, which also makes the decoder's read-only buffer writable
             pixels = torch.from_numpy(np.ascontiguousarray(read_image(path).transpose(2, 0, 1), dtype=np.float32))
             d[key] = MetaTensor(pixels, meta={"filename_or_obj": path, "spatial_shape": tuple(pixels.shape[1:])})
+        return d
+
+
+class LoadBinaryMaskd(MapTransform):
+    """Replace a mask path by a (1, H, W) uint8 0/1 MetaTensor, read with
+    :func:`common.data.dermoscopy.read_binary_mask` (which refuses masks that are not binary).
+
+    Reads in (H, W) order like :class:`LoadCellImaged`, so image and mask stay aligned; MONAI's
+    ``LoadImaged`` would return 2D PNGs transposed.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            mask = torch.from_numpy(read_binary_mask(path).astype(np.uint8))[None]
+            d[key] = MetaTensor(mask, meta={"filename_or_obj": path, "spatial_shape": tuple(mask.shape[1:])})
         return d

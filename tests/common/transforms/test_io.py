@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -19,3 +20,24 @@ def test_grayscale_png_becomes_three_channel_float_with_its_file_name(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(InputDataError, match="absent.png"):
         LoadCellImaged("image")({"image": str(tmp_path / "absent.png")})
+
+
+def test_binary_mask_keeps_the_image_orientation(tmp_path):
+    from common.transforms.io import LoadBinaryMaskd
+
+    mask = np.zeros((12, 16), dtype=np.uint8)
+    mask[2:5, 3:11] = 255
+    path = tmp_path / "lesion_segmentation.png"
+    Image.fromarray(mask).save(path)
+    loaded = LoadBinaryMaskd("mask")({"mask": str(path)})["mask"]
+    assert loaded.shape == (1, 12, 16) and loaded.dtype == torch.uint8
+    assert (loaded[0].numpy() == (mask > 0)).all()
+
+
+def test_non_binary_mask_is_refused(tmp_path):
+    from common.transforms.io import LoadBinaryMaskd
+
+    path = tmp_path / "soft.png"
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(path)
+    with pytest.raises(InputDataError, match="soft.png"):
+        LoadBinaryMaskd("mask")({"mask": str(path)})
