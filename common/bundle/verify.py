@@ -134,6 +134,7 @@ class _NetIO:
     output_channels: int
     output_spatial: tuple[int | None, ...] | None  # None per axis declared "*" (any size)
     output_dtype: torch.dtype
+    output_keys: tuple[str, ...] = ()  # detection models: each image gives a dict with these keys
 
 
 def load_metadata_schema() -> dict[str, Any]:
@@ -377,9 +378,13 @@ def _net_io(metadata: Mapping[str, Any], n: int, p: int, any_size: int) -> _NetI
             None if axis == "*" else _get_fake_spatial_shape([axis], p=p, n=n, any=any_size)[0]
             for axis in pred["spatial_shape"]
         )
+    input_shape = (1, int(image["num_channels"]), *spatial)
+    input_dtype = get_equivalent_dtype(image["dtype"], torch.Tensor)
+    if pred.get("type") == "detections":  # torchvision-style detectors: a list of per-image dicts
+        return _NetIO(input_shape, input_dtype, 0, None, input_dtype, output_keys=tuple(pred["keys"]))
     return _NetIO(
-        input_shape=(1, int(image["num_channels"]), *spatial),
-        input_dtype=get_equivalent_dtype(image["dtype"], torch.Tensor),
+        input_shape=input_shape,
+        input_dtype=input_dtype,
         output_channels=int(pred["num_channels"]),
         output_spatial=output_spatial,
         output_dtype=get_equivalent_dtype(pred["dtype"], torch.Tensor),
@@ -388,6 +393,11 @@ def _net_io(metadata: Mapping[str, Any], n: int, p: int, any_size: int) -> _NetI
 
 def _output_problems(output: Any, io: _NetIO) -> list[str]:
     """How the network output differs from ``outputs.pred``; empty when it matches."""
+    if io.output_keys:
+        if not isinstance(output, (list, tuple)) or len(output) != io.input_shape[0]:
+            return [f"returned a {type(output).__name__}, expected a list with one dict per image"]
+        missing = [key for key in io.output_keys if not all(isinstance(d, Mapping) and key in d for d in output)]
+        return [f"detections lack the declared keys {missing}"] if missing else []
     if not isinstance(output, torch.Tensor):
         return [f"returned a {type(output).__name__}, expected one tensor"]
     problems = []
@@ -402,6 +412,15 @@ def _output_problems(output: Any, io: _NetIO) -> list[str]:
     if output.dtype != io.output_dtype:
         problems.append(f"output dtype {output.dtype} differs from the declared {io.output_dtype}")
     return problems
+
+
+def _output_summary(output: Any) -> str:
+    """A tensor's shape, or the keys of a detector's per-image dicts, for the report."""
+    if isinstance(output, torch.Tensor):
+        return str(tuple(output.shape))
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], Mapping):
+        return f"{len(output)} x dict({', '.join(map(str, output[0]))})"
+    return type(output).__name__
 
 
 @contextlib.contextmanager
@@ -474,12 +493,12 @@ def _check_network(
             )
     problems = next((found for found in map(_output_problems, outputs, ios) if found), [])
     declared_by = f"({meta_path} outputs.pred)"
-    passed = ", ".join(f"{io.input_shape} -> {tuple(out.shape)}" for io, out in zip(ios, outputs))
+    passed = ", ".join(f"{io.input_shape} -> {_output_summary(out)}" for io, out in zip(ios, outputs))
     results = [
         _result(
             names[0],
             [f"{train_path}: {NET_ID} {problem} {declared_by}" for problem in problems],
-            f"{passed}; {ios[0].input_dtype} -> {outputs[0].dtype}",
+            passed if ios[0].output_keys else f"{passed}; {ios[0].input_dtype} -> {outputs[0].dtype}",
         )
     ]
     if export:

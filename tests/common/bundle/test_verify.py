@@ -395,3 +395,33 @@ def test_cli_usage_errors(tmp_path, monkeypatch, argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+
+
+DETECTOR = {
+    "_target_": "common.networks.vitdet.vit_mask_rcnn",
+    "num_classes": 2,
+    "vit": "vit_base_patch16_224",
+    "vit_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+    "min_size": 64,
+    "max_size": 64,
+}
+
+
+@pytest.mark.parametrize("keys, ok", [(["boxes", "labels", "scores", "masks"], True), (["boxes", "keypoints"], False)])
+def test_detection_network_outputs_are_checked_by_keys(tmp_path, files, keys, ok):
+    """torchvision detectors return one dict per image; metadata declares their keys instead of a shape."""
+    for name in ("configs/train.json", "configs/inference.json"):
+        files[name]["network_def"] = DETECTOR
+    metadata = files["configs/metadata.json"]
+    metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] = ["32*n", "32*n"]
+    metadata["network_data_format"]["outputs"]["pred"] = {
+        "type": "detections", "format": "instances", "keys": keys, "num_channels": 2, "dtype": "float32",
+        "spatial_shape": ["32*n", "32*n"],
+        "value_range": [], "is_patch_data": False, "channel_def": {},
+    }
+    metadata["torchscript"] = {"exportable": False, "reason": "torchvision detection models take lists of images"}
+    found = failures(write_bundle(tmp_path / "detector", files), export=True)
+    if ok:
+        assert not found, found
+    else:
+        assert "['keypoints']" in found["network in/out"]
