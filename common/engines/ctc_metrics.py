@@ -21,9 +21,8 @@ from typing import Any
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor
 
-from common.engines.samples import iteration_samples
+from common.engines.samples import iteration_samples, sample_name
 from common.io.atomic import atomic_write
 from common.metrics.ctc import CTCScores, aggregate_ctc, ctc_scores
 
@@ -86,11 +85,7 @@ class CTCMetricsHandler:
         self._records = []
 
     def _name(self, sample: Mapping[str, Any]) -> str:
-        item = sample.get(self.name_key)
-        source = item.meta.get("filename_or_obj") if isinstance(item, MetaTensor) else None
-        if isinstance(source, (str, os.PathLike)) and os.fspath(source):
-            return os.fspath(source)
-        return f"rank{idist.get_rank()}_image{len(self._records)}"
+        return sample_name(sample, image_key=self.name_key) or f"rank{idist.get_rank()}_image{len(self._records)}"
 
     def update(self, engine: Engine) -> None:
         """Score every sample of the iteration."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from ignite.engine import Engine
-from monai.data import decollate_batch
+from monai.data import MetaTensor, decollate_batch
 
-__all__ = ["iteration_samples"]
+__all__ = ["iteration_samples", "sample_name"]
 
 
 def iteration_samples(engine: Engine) -> list[dict[str, Any]]:
@@ -26,3 +27,16 @@ def iteration_samples(engine: Engine) -> list[dict[str, Any]]:
     if not isinstance(batches, list) or len(batches) != len(outputs):
         batches = [{}] * len(outputs)
     return [{**(b if isinstance(b, Mapping) else {}), **o} for o, b in zip(outputs, batches)]
+
+
+def sample_name(sample: Mapping[str, Any], name_key: str = "name", image_key: str = "image") -> str | None:
+    """The source file of a sample: its ``name_key`` entry, else the ``filename_or_obj`` of the
+    MetaTensor under ``image_key``; ``None`` when neither is there (callers then number the sample)."""
+    name = sample.get(name_key)
+    if isinstance(name, (str, os.PathLike)) and os.fspath(name):
+        return os.fspath(name)
+    image = sample.get(image_key)
+    source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source):
+        return os.fspath(source)
+    return None

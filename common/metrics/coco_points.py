@@ -27,11 +27,10 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from common.engines.samples import iteration_samples
+from common.engines.samples import iteration_samples, sample_name
 from common.io.atomic import atomic_write
 
 __all__ = ["fixed_box_iou", "evaluate_point_detections", "CocoPointsEvaluationHandler"]
@@ -357,14 +356,7 @@ class CocoPointsEvaluationHandler:
             )
 
     def _name(self, sample: Mapping[str, Any]) -> str:
-        name = sample.get(self.name_key)
-        if isinstance(name, (str, os.PathLike)) and os.fspath(name):
-            return os.fspath(name)
-        image = sample.get(self.image_key)
-        source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
-        if isinstance(source, (str, os.PathLike)) and os.fspath(source):
-            return os.fspath(source)
-        return f"rank{idist.get_rank()}_image{len(self._ground_truth)}"
+        return sample_name(sample, self.name_key, self.image_key) or f"rank{idist.get_rank()}_image{len(self._ground_truth)}"
 
     def complete(self, engine: Engine) -> None:
         """Gather all ranks' images, evaluate, publish, log and write the figures."""

@@ -21,3 +21,14 @@ def test_batched_dicts_are_decollated():
     engine = _engine({"pred": torch.tensor([[1.0], [2.0]])}, {"name": ["a", "b"]})
     samples = iteration_samples(engine)
     assert [s["name"] for s in samples] == ["a", "b"] and float(samples[1]["pred"][0]) == 2.0
+
+
+def test_sample_name_prefers_the_name_then_the_image_file():
+    from monai.data import MetaTensor
+
+    from common.engines.samples import sample_name
+
+    image = MetaTensor(torch.zeros(1, 2, 2), meta={"filename_or_obj": "/data/a.png"})
+    assert sample_name({"name": "b.png", "image": image}) == "b.png"
+    assert sample_name({"image": image}) == "/data/a.png"
+    assert sample_name({"image": torch.zeros(1)}) is None
