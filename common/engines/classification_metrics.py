@@ -22,9 +22,9 @@ from typing import Any
 import ignite.distributed as idist
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
-from common.engines.samples import iteration_samples
+from common.engines.samples import EpochAccumulator, iteration_samples
 from common.io.atomic import atomic_write
 
 __all__ = [
@@ -105,7 +105,7 @@ def classification_report(cm: np.ndarray, class_names: Sequence[str]) -> dict[st
     }
 
 
-class ClassificationReportHandler:
+class ClassificationReportHandler(EpochAccumulator):
     """Score a classifier over an evaluation epoch: accuracy, balanced accuracy, per-class figures.
 
     Attach to a MONAI ``SupervisedEvaluator``. Every iteration, the argmax of each sample's ``pred``
@@ -145,11 +145,6 @@ class ClassificationReportHandler:
         self.logger = logging.getLogger(logger_name)
         self._true: list[int] = []
         self._pred: list[int] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
 
     def reset(self, engine: Engine | None = None) -> None:
         self._true, self._pred = [], []

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
-from common.engines.samples import iteration_samples, sample_name
+from common.engines.samples import EpochAccumulator, iteration_samples, sample_name
 from common.io.atomic import atomic_write
 from common.metrics.ctc import CTCScores, aggregate_ctc, ctc_scores
 
@@ -31,7 +31,7 @@ __all__ = ["CTCMetricsHandler"]
 _SCORE_FIELDS = tuple(field.name for field in fields(CTCScores))
 
 
-class CTCMetricsHandler:
+class CTCMetricsHandler(EpochAccumulator):
     """Compute SEG, DET and OP_CSB over an evaluation epoch and store them in ``engine.state.metrics``.
 
     Attach it to a MONAI ``SupervisedEvaluator`` whose postprocessing puts predicted instances under
@@ -75,11 +75,6 @@ class CTCMetricsHandler:
         self.details_file = details_file
         self.logger = logging.getLogger(logger_name)
         self._records: list[tuple[str, CTCScores]] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
 
     def reset(self, engine: Engine | None = None) -> None:
         self._records = []

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 
-__all__ = ["iteration_samples", "sample_name"]
+__all__ = ["iteration_samples", "sample_name", "EpochAccumulator"]
 
 
 def iteration_samples(engine: Engine) -> list[dict[str, Any]]:
@@ -40,3 +41,25 @@ def sample_name(sample: Mapping[str, Any], name_key: str = "name", image_key: st
     if isinstance(source, (str, os.PathLike)) and os.fspath(source):
         return os.fspath(source)
     return None
+
+
+class EpochAccumulator(ABC):
+    """Base of handlers that collect per-sample results over an evaluation epoch and summarise them:
+    ``reset`` at EPOCH_STARTED, ``update`` after each iteration, ``complete`` at EPOCH_COMPLETED."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
+
+    @abstractmethod
+    def reset(self, engine: Engine | None = None) -> None:
+        """Forget the previous epoch."""
+
+    @abstractmethod
+    def update(self, engine: Engine) -> None:
+        """Take the samples of the last iteration."""
+
+    @abstractmethod
+    def complete(self, engine: Engine) -> None:
+        """Summarise the epoch."""

@@ -26,11 +26,11 @@ from typing import Any
 import ignite.distributed as idist
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from common.engines.samples import iteration_samples, sample_name
+from common.engines.samples import EpochAccumulator, iteration_samples, sample_name
 from common.io.atomic import atomic_write
 
 __all__ = ["fixed_box_iou", "evaluate_point_detections", "CocoPointsEvaluationHandler"]
@@ -263,7 +263,7 @@ def _recall_precision(
     return recall, precision
 
 
-class CocoPointsEvaluationHandler:
+class CocoPointsEvaluationHandler(EpochAccumulator):
     """Score a detect-and-classify evaluation run with :func:`evaluate_point_detections`.
 
     Attach to the evaluator whose postprocessing puts, per image, the detections under ``points_key``
@@ -318,11 +318,6 @@ class CocoPointsEvaluationHandler:
         self.logger = logging.getLogger(logger_name)
         self._ground_truth: list[dict[str, Any]] = []
         self._predictions: list[dict[str, Any]] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
 
     def reset(self, engine: Engine | None = None) -> None:
         self._ground_truth, self._predictions = [], []

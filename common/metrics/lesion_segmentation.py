@@ -28,12 +28,12 @@ from typing import Any
 import ignite.distributed as idist
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from common.engines.samples import iteration_samples, sample_name
+from common.engines.samples import EpochAccumulator, iteration_samples, sample_name
 from common.errors import InputDataError
 from common.io.atomic import atomic_write
 
@@ -311,7 +311,7 @@ def _missing_as_nan(value: float) -> float:
     return math.nan if value < 0 else value  # COCOeval reports -1 when there is nothing to score
 
 
-class LesionSegmentationEvaluationHandler:
+class LesionSegmentationEvaluationHandler(EpochAccumulator):
     """Score an evaluation run with COCO box/mask AP and the ISIC per-image lesion scores.
 
     Attach to the evaluator whose postprocessing puts, per image, the instance predictions under
@@ -370,11 +370,6 @@ class LesionSegmentationEvaluationHandler:
         self.metrics_file, self.per_image_file = metrics_file, per_image_file
         self.logger = logging.getLogger(logger_name)
         self._records: list[dict[str, Any]] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
 
     def reset(self, engine: Engine | None = None) -> None:
         self._records = []
