@@ -1,0 +1,259 @@
+"""Writing a pseudo-mask dataset from an evaluator run over the training patches.
+
+A MONAI ``SupervisedEvaluator`` with :class:`CAMInferer` produces class activation maps as ``pred``;
+its postprocessing (:class:`common.postprocessing.pseudo_masks.CAMToPseudoMaskd`) turns them into a
+pseudo-mask and a confidence map; :class:`PseudoMaskWriter` writes both per image and, once every
+image is done, a manifest that stage 2 trains from. The configs then say the whole step, and a
+multi-GPU run needs no code of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from PIL import Image
+from torch import nn
+
+from common.data.histopathology import IGNORE_INDEX, write_mask
+from common.engines.samples import EpochAccumulator, iteration_samples, sample_name
+from common.errors import InputDataError
+from common.io.atomic import atomic_write
+
+__all__ = ["CAMInferer", "PseudoMaskWriter", "assign_split"]
+
+_ORIGIN_KEYS = ("origin", "location")  # ours, then MONAI's WSIReader patch metadata
+
+
+class CAMInferer(Inferer):
+    """Run ``network.cams(inputs, **cams_kwargs)`` instead of ``network(inputs)``.
+
+    A ``SupervisedEvaluator`` with this inferer puts (B, C, H, W) class activation maps under ``pred``.
+    ``cams_kwargs`` are the network's own options, e.g. ``flip=True`` or ``scales=(1.0, 1.5)`` for
+    :class:`common.networks.cam_classifier.CAMClassifier`. A network wrapped in
+    ``DistributedDataParallel`` or ``DataParallel`` is unwrapped, since the wrapper only forwards
+    ``forward``.
+    """
+
+    def __init__(self, **cams_kwargs: Any) -> None:
+        super().__init__()
+        self.cams_kwargs = cams_kwargs
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+        model = network.module if isinstance(network, parallel) else network
+        cams = getattr(model, "cams", None)
+        if not callable(cams):
+            raise TypeError(
+                f"CAMInferer needs a network with a cams(x) method; {type(model).__name__} has none"
+            )
+        return cams(inputs, *args, **{**self.cams_kwargs, **kwargs})
+
+
+def assign_split(name: str, val_fraction: float, seed: int = 0) -> str:
+    """``"val"`` for about ``val_fraction`` of all names, else ``"train"``: a hash of seed and name, so
+    an image keeps its split across runs, machines and dataset orders (Python's ``hash`` is salted)."""
+    if not 0 <= val_fraction <= 1:
+        raise ValueError(f"val_fraction must lie in 0..1, got {val_fraction}")
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+class PseudoMaskWriter(EpochAccumulator):
+    """Write each image's pseudo-mask and confidence as PNGs, then a manifest of them all.
+
+    For every sample of every iteration: ``<output_dir>/masks/<stem>.png`` (palette PNG by
+    :func:`common.data.histopathology.write_mask`: labels ``0..C`` and 255 for uncertain pixels) and
+    ``<output_dir>/confidence/<stem>.png`` (8-bit, confidence x 255), where ``<stem>`` is the image's
+    file name without its suffix (so ``name-[1 0 0 1].png`` keeps its label in the mask's name). Each
+    file is written atomically as soon as its image is done, so a crash keeps the finished ones.
+
+    At the end of the epoch ``<output_dir>/<manifest_file>`` is written atomically with one JSON line per
+    image, sorted by name: ``image`` (absolute path), ``mask`` and ``confidence`` (relative to
+    ``output_dir``), ``label`` (the image-level vector), ``classes`` (labels found in the mask, background
+    included, 255 not), ``origin`` ([y, x] of a tile in its slide from the ``origin`` or
+    ``location`` metadata, [0, 0] for a patch), ``level`` and ``mpp`` (from the metadata, else
+    ``null``) and ``split`` (:func:`assign_split`); :func:`common.data.histopathology.read_patch_manifest`
+    reads it back. A manifest left by an earlier run is removed when the epoch starts, so a manifest on
+    disk always describes a complete run.
+
+    Under DDP every rank writes the masks of its own images, and rank 0 writes the manifest of all of
+    them; an image met twice (``DistributedSampler`` pads the ranks) is listed once.
+
+    Args:
+        output_dir: folder of the pseudo-mask dataset.
+        num_classes: number of tissue classes C; the background is C.
+        mask_key, confidence_key: keys of the (1, H, W) mask and confidence maps in the engine output.
+        label_key: key of the (C,) image-level label (output or batch).
+        image_key: key of the image ``MetaTensor`` whose ``filename_or_obj`` locates the image and
+            whose metadata may hold ``origin``/``location``, ``level`` and ``mpp``.
+        name_key: key of the image's file name when the image carries no metadata.
+        val_fraction, seed: see :func:`assign_split`.
+        manifest_file: manifest name inside ``output_dir``.
+        logger_name: logger receiving the summary.
+
+    Raises:
+        InputDataError: two different images share a file stem (their masks would overwrite each other).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        num_classes: int,
+        mask_key: str = "pseudo_mask",
+        confidence_key: str = "pseudo_confidence",
+        label_key: str = "label",
+        image_key: str = "image",
+        name_key: str = "name",
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        manifest_file: str = "manifest.jsonl",
+        logger_name: str = __name__,
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        assign_split("", val_fraction)  # validates the fraction
+        self.output_dir = Path(output_dir)
+        self.num_classes = num_classes
+        self.mask_key, self.confidence_key, self.label_key = mask_key, confidence_key, label_key
+        self.image_key, self.name_key = image_key, name_key
+        self.val_fraction, self.seed = val_fraction, seed
+        self.manifest_file = manifest_file
+        self.logger = logging.getLogger(logger_name)
+        self._entries: dict[str, dict[str, Any]] = {}
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.output_dir / self.manifest_file
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self._entries = {}
+        if idist.get_rank() == 0:
+            self.manifest_path.unlink(missing_ok=True)
+
+    def update(self, engine: Engine) -> None:
+        """Write the mask and confidence of every sample of the iteration."""
+        for sample in iteration_samples(engine):
+            for key in (self.mask_key, self.confidence_key, self.label_key):
+                if key not in sample:
+                    raise KeyError(
+                        f"PseudoMaskWriter: no {key!r} in the engine output or batch; found {sorted(sample)}"
+                    )
+            name = sample_name(sample, self.name_key, self.image_key)
+            if name is None:
+                raise KeyError(
+                    f"PseudoMaskWriter: a sample has no file name: load the images with their metadata "
+                    f"({self.image_key!r}) or give the name under {self.name_key!r}"
+                )
+            image = os.path.abspath(_source(sample.get(self.image_key)) or name)
+            stem = Path(name).stem
+            if stem in self._entries:
+                _check_same_image(self._entries[stem], image)
+                continue
+            self._entries[stem] = self._write(stem, image, sample)
+
+    def _write(self, stem: str, image: str, sample: Mapping[str, Any]) -> dict[str, Any]:
+        mask = _plane(sample[self.mask_key], self.mask_key)
+        confidence = _plane(sample[self.confidence_key], self.confidence_key).astype(np.float64)
+        if confidence.shape != mask.shape:
+            raise ValueError(f"{image}: confidence is {confidence.shape} but the mask is {mask.shape}")
+        label = np.asarray(_plain(sample[self.label_key])).reshape(-1)
+        if label.size != self.num_classes:
+            raise ValueError(f"{image}: label has {label.size} entries, expected {self.num_classes}")
+
+        mask_path, confidence_path = f"masks/{stem}.png", f"confidence/{stem}.png"
+        try:
+            write_mask(self.output_dir / mask_path, mask, num_classes=self.num_classes)
+        except ValueError as err:
+            raise ValueError(f"{image}: pseudo-mask {self.mask_key!r}: {err}") from err
+        levels = np.round(np.clip(confidence, 0, 1) * 255).astype(np.uint8)
+        atomic_write(self.output_dir / confidence_path, lambda f: Image.fromarray(levels).save(f, "PNG"))
+        origins = (_meta(sample, key, self.image_key) for key in _ORIGIN_KEYS)
+        origin = next((value for value in origins if value is not None), [0, 0])
+        return {
+            "image": image,
+            "mask": mask_path,
+            "confidence": confidence_path,
+            "label": [int(v) for v in label],
+            "classes": [int(c) for c in np.unique(mask) if c != IGNORE_INDEX],
+            "origin": [int(v) for v in np.asarray(origin).reshape(-1)],
+            "level": _meta(sample, "level", self.image_key),
+            "mpp": _meta(sample, "mpp", self.image_key),
+            "split": assign_split(stem, self.val_fraction, self.seed),
+        }
+
+    def complete(self, engine: Engine) -> None:
+        """Gather every rank's entries and write the manifest on rank 0."""
+        entries: dict[str, dict[str, Any]] = {}
+        for rank_entries in idist.all_gather(list(self._entries.values())):
+            for entry in rank_entries:
+                stem = Path(entry["mask"]).stem
+                if stem in entries:
+                    _check_same_image(entries[stem], entry["image"])
+                else:
+                    entries[stem] = entry
+        if not entries:
+            raise RuntimeError("PseudoMaskWriter saw no images during the epoch; nothing to write")
+        ordered = [entries[stem] for stem in sorted(entries)]
+        if idist.get_rank() == 0:
+            text = "".join(json.dumps(entry) + "\n" for entry in ordered)
+            atomic_write(self.manifest_path, lambda f: f.write(text.encode("utf-8")))
+        n_val = sum(entry["split"] == "val" for entry in ordered)
+        self.logger.info(
+            "pseudo-masks of %d images (%d train, %d val) in %s",
+            len(ordered), len(ordered) - n_val, n_val, self.output_dir,
+        )
+
+
+def _check_same_image(entry: Mapping[str, Any], image: str) -> None:
+    if entry["image"] != image:
+        raise InputDataError(
+            image,
+            f"has the same name as {entry['image']}; pseudo-masks are named after the image file, so "
+            f"both would be written to {entry['mask']}: rename one of them",
+        )
+
+
+def _source(value: Any) -> str | None:
+    source = value.meta.get("filename_or_obj") if isinstance(value, MetaTensor) else None
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) and os.fspath(source) else None
+
+
+def _plane(value: Any, key: str) -> np.ndarray:
+    array = np.asarray(_plain_array(value))
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(f"{key!r} must be (H, W) or (1, H, W), got shape {array.shape}")
+    return array
+
+
+def _plain_array(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy of a tensor, array or number (metadata values come collated as tensors)."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        return _plain_array(value).tolist()
+    return value
+
+
+def _meta(sample: Mapping[str, Any], key: str, image_key: str) -> Any:
+    """``key`` from the sample itself, else from the image's metadata, else ``None``."""
+    value = sample.get(key)
+    image = sample.get(image_key)
+    if value is None and isinstance(image, MetaTensor):
+        value = image.meta.get(key)
+    return _plain(value)
