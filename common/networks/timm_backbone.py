@@ -11,12 +11,14 @@ back to random initialisation.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import timm
+from timm.layers import resample_abs_pos_embed
 import torch
 from torch import nn
 
@@ -106,12 +108,37 @@ def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return stripped
 
 
+def _resample_position_embedding(
+    model: nn.Module, state_dict: dict[str, Any], path: str | os.PathLike
+) -> dict[str, Any]:
+    """Interpolate a ViT's absolute position embedding to the model's patch grid.
+
+    Encoders are pretrained at one image size (MAE and DINO at 224) and fine-tuned at another, and
+    with ``dynamic_img_size`` the model resamples the embedding per input anyway; only the stored
+    grid has to match the model's for the load to be exact elsewhere.
+    """
+    stored, target = state_dict.get("pos_embed"), getattr(model, "pos_embed", None)
+    if stored is None or target is None or stored.shape == target.shape or stored.shape[-1] != target.shape[-1]:
+        return state_dict
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
+    grid = math.isqrt(stored.shape[1] - prefix)
+    if grid * grid != stored.shape[1] - prefix:
+        return state_dict  # not a square grid: reported as a shape mismatch below
+    resampled = resample_abs_pos_embed(
+        stored, new_size=list(model.patch_embed.grid_size), old_size=[grid, grid], num_prefix_tokens=prefix
+    )
+    logger.info("%s: resampled the position embedding from a %dx%d grid to %s", path, grid, grid,
+                tuple(model.patch_embed.grid_size))
+    return {**state_dict, "pos_embed": resampled}
+
+
 def load_backbone_weights(
     model: nn.Module, path: str | os.PathLike, key: str | None = None, sha256: str | None = None
 ) -> None:
     """Load a local checkpoint into ``model``, refusing partial loads.
 
-    Keys may carry ``module.``, ``backbone.`` or ``encoder.`` prefixes. Entries the backbone does not
+    Keys may carry ``module.``, ``backbone.`` or ``encoder.`` prefixes. A ViT position embedding
+    stored for another image size is interpolated to the model's grid. Entries the backbone does not
     have (a DINO head, a decoder) are ignored and logged; a backbone tensor that is missing or has a
     different shape raises, because fine-tuning a half-initialised backbone fails silently.
 
@@ -126,7 +153,7 @@ def load_backbone_weights(
         raise InputDataError(path, f"has no entry '{key}' (found {found})") from err
     if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise InputDataError(path, "does not hold a state dict (a mapping of parameter names to tensors)")
-    state_dict = _strip_prefixes(state_dict)
+    state_dict = _resample_position_embedding(model, _strip_prefixes(state_dict), path)
 
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]

@@ -103,6 +103,17 @@ def test_wrong_shapes_name_the_file(tiny_vit, tmp_path):
     assert str(path) in str(err.value)
 
 
+def test_position_embedding_of_another_image_size_is_resampled(tmp_path):
+    small = create_vit_backbone("vit_small_patch8_224", img_size=64, **TINY)  # 8x8 grid, as MAE at 64 px
+    path = save_backbone(small, tmp_path / "small.pt")
+    large = create_vit_backbone("vit_small_patch8_224", checkpoint=path, img_size=128, **TINY)  # 16x16 grid
+    assert large.pos_embed.shape == (1, 1 + 16 * 16, 48)
+    torch.testing.assert_close(large.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight)
+    # the class token's embedding is kept; the patch grid is interpolated, so its mean barely moves
+    torch.testing.assert_close(large.pos_embed[:, 0], small.pos_embed[:, 0])
+    torch.testing.assert_close(large.pos_embed[:, 1:].mean(1), small.pos_embed[:, 1:].mean(1), atol=2e-3, rtol=0)
+
+
 def test_missing_key_and_non_state_dicts_are_input_errors(tiny_vit, tmp_path):
     path = save_backbone(tiny_vit, tmp_path / "tiny.pt")
     with pytest.raises(InputDataError, match="no entry 'teacher'"):
