@@ -34,6 +34,7 @@ __all__ = [
     "write_overlay",
     "write_cell_table",
     "SaveInstanceOutputsd",
+    "source_stem",
 ]
 
 CELL_TABLE_COLUMNS = (
@@ -168,7 +169,7 @@ def write_cell_table(labels: np.ndarray | torch.Tensor, path: str | os.PathLike)
     return atomic_write(path, lambda f: f.write(text.getvalue().encode("utf-8")))
 
 
-def _source_stem(image: Any, image_key: Hashable) -> tuple[Path, str]:
+def source_stem(image: Any, image_key: Hashable) -> tuple[Path, str]:
     """The source file of ``image`` and its name without extension (``.ome.tif``/``.nii.gz`` included)."""
     source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
     if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
@@ -243,7 +244,7 @@ class SaveInstanceOutputsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[self.image_key]
-            source, stem = _source_stem(image, self.image_key)
+            source, stem = source_stem(image, self.image_key)
             folder = self._folder_for(source)
             label_name = f"{stem}_{self.output_postfix}.{self.label_format}"
             label_path = write_instance_labels(d[key], folder / label_name)

@@ -25,6 +25,7 @@ from scipy import ndimage
 from skimage.morphology import disk
 
 from common.io.atomic import atomic_write
+from common.io.instance_outputs import source_stem
 from common.io.visualise_detections import display_rgb
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "LesionMaskd",
     "write_lesion_mask",
     "write_lesion_overlay",
+    "SaveLesionOutputsd",
 ]
 
 SELECTION_MODES = ("best", "threshold")
@@ -224,3 +226,61 @@ def write_lesion_overlay(
     inner = ndimage.binary_erosion(mask, iterations=thickness, border_value=1)
     rgb[mask & ~inner] = colour
     return atomic_write(path, _png_writer(rgb))
+
+
+class SaveLesionOutputsd(MapTransform):
+    """Write each image's lesion mask (ISIC format: 0/255 PNG) and an outline overlay.
+
+    Files are named after the image's ``filename_or_obj``: ``<stem>_mask.png`` and
+    ``<stem>_overlay.png`` in ``output_dir``. With ``output_file`` (one image, e.g. from the
+    single-image command line) the mask goes exactly there and the overlay beside it as
+    ``<output stem>_overlay.png``. The mask must have the image's size (see ``LesionMaskd(size_key=...)``);
+    the written paths are added to the data under ``"<key>_path"`` and ``"<key>_overlay_path"``.
+
+    Args:
+        keys: the one key holding the (1, H, W) lesion mask.
+        output_dir: folder receiving the files when ``output_file`` is not given.
+        image_key: key of the image MetaTensor, at the mask's size, that names the outputs.
+        output_file: write the mask to this path (single-image use).
+        overlay: also write the overlay.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "lesion_mask",
+        output_dir: str | os.PathLike = "./outputs",
+        image_key: str = "image",
+        output_file: str | os.PathLike | None = None,
+        overlay: bool = True,
+    ) -> None:
+        super().__init__(keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"SaveLesionOutputsd writes one mask key, got keys {self.keys}")
+        self.output_dir = Path(output_dir)
+        self.image_key = image_key
+        self.output_file = None if output_file is None else Path(output_file)
+        self.overlay = overlay
+        self._output_file_source: Path | None = None
+
+    def _paths(self, image: Any) -> tuple[Path, Path]:
+        if self.output_file is not None:
+            source = source_stem(image, self.image_key)[0]
+            if self._output_file_source not in (None, source):
+                raise ValueError(
+                    f"output_file {self.output_file} takes one image, but both {self._output_file_source} "
+                    f"and {source} were given; use output_dir for several images"
+                )
+            self._output_file_source = source
+            return self.output_file, self.output_file.with_name(f"{self.output_file.stem}_overlay.png")
+        stem = source_stem(image, self.image_key)[1]
+        return self.output_dir / f"{stem}_mask.png", self.output_dir / f"{stem}_overlay.png"
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[self.image_key]
+            mask_path, overlay_path = self._paths(image)
+            d[f"{key}_path"] = str(write_lesion_mask(d[key], mask_path))
+            if self.overlay:
+                d[f"{key}_overlay_path"] = str(write_lesion_overlay(image, d[key], overlay_path))
+        return d

@@ -7,6 +7,7 @@ from skimage.measure import perimeter
 
 from common.postprocessing.lesion import (
     LesionMaskd,
+    SaveLesionOutputsd,
     clean_lesion_mask,
     select_lesions,
     write_lesion_mask,
@@ -138,3 +139,35 @@ def test_overlay_outlines_the_mask_on_a_normalised_image(tmp_path):
     assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255  # each channel stretched to the full range
     with pytest.raises(ValueError, match="mask is 20x48 but the image is 40x48"):
         write_lesion_overlay(image, mask[:20], tmp_path / "bad.png")
+
+
+def _lesion_sample(name: str) -> dict:
+    image = MetaTensor(torch.full((3, 24, 32), 128.0), meta={"filename_or_obj": f"/data/{name}.jpg"})
+    mask = torch.zeros(1, 24, 32, dtype=torch.uint8)
+    mask[0, 6:18, 8:24] = 1
+    return {"image": image, "lesion_mask": mask}
+
+
+def test_save_lesion_outputs_names_files_after_the_image(tmp_path):
+    out = SaveLesionOutputsd(output_dir=tmp_path)(_lesion_sample("ISIC_0000007"))
+    assert out["lesion_mask_path"] == str(tmp_path / "ISIC_0000007_mask.png")
+    assert out["lesion_mask_overlay_path"] == str(tmp_path / "ISIC_0000007_overlay.png")
+    with Image.open(out["lesion_mask_path"]) as img:
+        np.testing.assert_array_equal(np.asarray(img) == 255, out["lesion_mask"][0].numpy() == 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ISIC_0000007_mask.png", "ISIC_0000007_overlay.png"]
+
+
+def test_save_lesion_outputs_writes_a_single_image_to_the_given_file(tmp_path):
+    target = tmp_path / "reports" / "mask.png"
+    writer = SaveLesionOutputsd(output_file=target, overlay=True)
+    writer(_lesion_sample("scan"))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["mask.png", "mask_overlay.png"]
+    with pytest.raises(ValueError, match="takes one image"):
+        writer(_lesion_sample("another_scan"))
+
+
+def test_save_lesion_outputs_needs_a_named_image(tmp_path):
+    sample = _lesion_sample("x")
+    sample["image"] = torch.zeros(3, 24, 32)
+    with pytest.raises(ValueError, match="filename_or_obj"):
+        SaveLesionOutputsd(output_dir=tmp_path)(sample)
