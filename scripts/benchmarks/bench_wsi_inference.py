@@ -1,0 +1,197 @@
+"""Whole-slide segmentation throughput and memory: tiles/s, peak resident memory per slide size, and the
+share of the time spent outside the network (reading and filtering tiles, zarr blending, class map,
+pyramid TIFF, overlay).
+
+    PYTHONPATH=. python scripts/benchmarks/bench_wsi_inference.py --sizes 10000 20000
+
+Writes synthetic H&E-like pyramidal slides (tissue islands on glass, JPEG tiles) of each size, tile by
+tile from a lazily computed image, so no slide-sized array exists, and runs
+:func:`common.inferers.wsi.segment_slide` on them the way a bundle would (512 px tiles, 25% overlap,
+ImageNet normalisation). The network has random weights: throughput does not depend on them.
+``--backbone conv`` (default) is a two-layer strided conv net, cheap enough on a CPU that the pipeline's
+own cost shows; a timm name (e.g. ``resnet18``) builds a DeepLab-v2 on it. Resident memory is sampled
+every 20 ms in a thread; it must stay flat as the slide grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from benchmark_utils import save_report
+
+from common.data.wsi import write_pyramid_tiff
+from common.inferers.wsi import segment_slide
+
+IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+NUM_CLASSES = 5  # four tissue classes and background
+_PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class SyntheticSlide:
+    """One pyramid level of a synthetic slide, computed for the region asked: smooth tissue islands
+    (eosin pink and haematoxylin purple areas with pixel noise) on slightly noisy glass."""
+
+    def __init__(self, size: int, downsample: int = 1) -> None:
+        self.downsample = downsample
+        side = -(-size // downsample)
+        self.shape = (side, side, 3)
+
+    def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = index
+        y = np.arange(rows.start, min(rows.stop, self.shape[0]), dtype=np.int64)[:, None] * self.downsample
+        x = np.arange(cols.start, min(cols.stop, self.shape[1]), dtype=np.int64)[None, :] * self.downsample
+        tissue = np.sin(y / 700.0) + np.sin(x / 550.0) + 0.5 * np.sin((x + y) / 400.0) > 0.4
+        purple = np.sin(x / 260.0) * np.sin(y / 310.0) > 0.2
+        noise = ((y * 73856093) ^ (x * 19349663)) % 41 - 20  # fixed per level-0 pixel
+        colour = np.where(purple[..., None], (120, 60, 160), (225, 140, 185)) + noise[..., None]
+        glass = np.broadcast_to(240 + noise[..., None] // 4, colour.shape)
+        return np.clip(np.where(tissue[..., None], colour, glass), 0, 255).astype(np.uint8)
+
+
+def write_synthetic_slide(path: Path, size: int, min_side: int = 1024) -> Path:
+    levels = [SyntheticSlide(size)]
+    while levels[-1].shape[0] > min_side:
+        levels.append(SyntheticSlide(size, levels[-1].downsample * 2))
+    return write_pyramid_tiff(path, levels, mpp=0.5, tile_size=512, compression="jpeg")
+
+
+def build_network(backbone: str) -> tuple[torch.nn.Module, str]:
+    if backbone == "conv":
+        network = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(32, NUM_CLASSES, 1),
+        )
+        return network, "tiny conv net: two strided 3x3 convolutions (16, 32 channels), output stride 4"
+    from common.networks.deeplab_v2 import DeepLabV2
+
+    network = DeepLabV2(NUM_CLASSES, backbone=backbone, pretrained=False)
+    return network, f"DeepLabV2 on {backbone}, output stride 8"
+
+
+class PeakRSS:
+    """Highest resident set size (Linux /proc) seen while the block runs, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval, self.peak_mib = interval, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_MIB
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, self.current_mib())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self.current_mib())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 20000], help="slide sides in pixels")
+    parser.add_argument("--backbone", default="conv", help="'conv' or a timm name for DeepLab-v2")
+    parser.add_argument("--patch-size", type=int, default=512)
+    parser.add_argument("--overlap", type=float, default=0.25)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="autocast the forward pass")
+    parser.add_argument("--workdir", type=Path, help="for slides and outputs (default: a temporary folder)")
+    parser.add_argument("--output", type=Path, default=Path("reports/benchmarks/wsi_inference.json"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    network, network_description = build_network(args.backbone)
+    network = network.to(device).eval()
+    mean, std = IMAGENET_MEAN.to(device), IMAGENET_STD.to(device)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_wsi_"))
+    results: list[dict[str, Any]] = []
+    try:
+        for size in args.sizes:
+            start = time.perf_counter()
+            slide = write_synthetic_slide(workdir / f"synthetic_{size}.tif", size)
+            write_seconds = time.perf_counter() - start
+            baseline = PeakRSS.current_mib()
+            with PeakRSS() as rss:
+                summary = segment_slide(
+                    slide,
+                    network,
+                    workdir / "out",
+                    NUM_CLASSES,
+                    patch_size=args.patch_size,
+                    overlap=args.overlap,
+                    batch_size=args.batch_size,
+                    device=device,
+                    amp=args.amp,
+                    preprocess=lambda x: (x - mean) / std,
+                )
+            seconds, network_seconds = summary["seconds"]["total"], summary["seconds"]["network"]
+            tiles = summary["tiles"]
+            results.append({
+                "size": [size, size],
+                "slide_file_mib": round(slide.stat().st_size / 2**20, 1),
+                "slide_write_seconds": round(write_seconds, 1),
+                "tiles_processed": tiles["processed"],
+                "tiles_skipped": tiles["skipped"],
+                "seconds": round(seconds, 2),
+                "network_seconds": round(network_seconds, 2),
+                "share_outside_network": round(1.0 - network_seconds / seconds, 3),
+                "tiles_per_s": round(tiles["processed"] / seconds, 2),
+                "megapixels_per_s": round(size * size / 1e6 / seconds, 2),
+                "rss_before_mib": round(baseline, 1),
+                "peak_rss_mib": round(rss.peak_mib, 1),
+            })
+            r = results[-1]
+            print(
+                f"{size}x{size}: {r['tiles_processed']} tiles (+{r['tiles_skipped']} glass skipped) in "
+                f"{r['seconds']} s = {r['tiles_per_s']} tiles/s, {r['megapixels_per_s']} MP/s; network "
+                f"{r['network_seconds']} s, {100 * r['share_outside_network']:.0f}% of the time outside it; "
+                f"peak RSS {r['peak_rss_mib']} MiB",
+                flush=True,
+            )
+            slide.unlink()
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report = {
+        "benchmark": "whole-slide segmentation (PatchInferer + WSISlidingWindowSplitter + ZarrAvgMerger)",
+        "network": network_description,
+        "patch_size": args.patch_size,
+        "overlap": args.overlap,
+        "batch_size": args.batch_size,
+        "device": str(device),
+        "amp": args.amp,
+        "slides": results,
+        "peak_rss_growth_mib": round(results[-1]["peak_rss_mib"] - results[0]["peak_rss_mib"], 1),
+    }
+    save_report(report, args.output)
+    print(f"network: {network_description}; peak RSS growth from the smallest to the largest slide "
+          f"{report['peak_rss_growth_mib']} MiB; saved {args.output}")
+
+
+if __name__ == "__main__":
+    main()
