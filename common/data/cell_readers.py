@@ -31,7 +31,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from common.data.coco import coco_field, coco_records, load_coco
+from common.data.coco import (
+    check_segmentation,
+    coco_field,
+    coco_records,
+    load_coco,
+    segmentation_to_rle,
+)
 from common.errors import InputDataError
 
 __all__ = [
@@ -257,43 +263,6 @@ def read_label_image(path: str | os.PathLike) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- COCO
 
 
-def _check_segmentation(segmentation: Any, height: int, width: int, source: Path, ann_id: Any) -> None:
-    """Refuse a COCO ``segmentation`` that is neither polygons nor RLE of the image's size."""
-    if isinstance(segmentation, list):
-        if not segmentation:
-            raise InputDataError(source, f"annotation {ann_id}: segmentation is an empty list")
-        for polygon in segmentation:
-            if (
-                not isinstance(polygon, list)
-                or len(polygon) < 6
-                or len(polygon) % 2
-                or not all(isinstance(v, (int, float)) for v in polygon)
-            ):
-                raise InputDataError(
-                    source,
-                    f"annotation {ann_id}: polygon must be a flat [x1, y1, x2, y2, ...] list "
-                    "of at least 3 points",
-                )
-    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if list(segmentation["size"]) != [height, width]:
-            raise InputDataError(
-                source,
-                f"annotation {ann_id}: RLE size {segmentation['size']} differs from "
-                f"its image's {[height, width]}",
-            )
-    else:
-        raise InputDataError(source, f"annotation {ann_id}: segmentation is neither polygons nor RLE")
-
-
-def _to_rle(segmentation: list | dict, height: int, width: int) -> dict:
-    """A checked COCO ``segmentation`` (polygons, uncompressed or compressed RLE) as compressed RLE."""
-    if isinstance(segmentation, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation["counts"], list):
-        return mask_utils.frPyObjects(segmentation, height, width)
-    return segmentation
-
-
 def rasterize_coco_instances(rles: Sequence[dict], height: int, width: int) -> np.ndarray:
     """Instance labels from COCO RLE masks: annotation ``i`` becomes id ``i + 1``.
 
@@ -313,7 +282,8 @@ def rasterize_coco_instances(rles: Sequence[dict], height: int, width: int) -> n
 
 
 def _rasterize_segmentations(segmentations: Sequence[list | dict], height: int, width: int) -> np.ndarray:
-    return rasterize_coco_instances([_to_rle(s, height, width) for s in segmentations], height, width)
+    rles = [segmentation_to_rle(s, height, width) for s in segmentations]
+    return rasterize_coco_instances(rles, height, width)
 
 
 def _image_finder(image_dir: Path) -> Callable[[str], Path | None]:
@@ -369,7 +339,7 @@ def read_livecell(annotation_file: str | os.PathLike, image_dir: str | os.PathLi
                 annotation_file, f"annotation {ann_id} refers to unknown image_id {image_id}"
             )
         segmentation = coco_field(ann, "segmentation", annotation_file, f"annotation {ann_id}")
-        _check_segmentation(segmentation, *image_sizes[image_id], annotation_file, ann_id)
+        check_segmentation(segmentation, *image_sizes[image_id], annotation_file, f"annotation {ann_id}")
         per_image[image_id].append(segmentation)
 
     find = _image_finder(image_dir)

@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pycocotools import mask as mask_utils
+
 from common.errors import InputDataError
 
-__all__ = ["load_coco", "coco_records", "coco_field"]
+__all__ = ["load_coco", "coco_records", "coco_field", "check_segmentation", "segmentation_to_rle"]
 
 
 def load_coco(path: str | os.PathLike) -> dict[str, Any]:
@@ -50,3 +52,40 @@ def coco_field(record: dict[str, Any], key: str, path: str | os.PathLike, what: 
     if key not in record:
         raise InputDataError(path, f'{what} has no "{key}"')
     return record[key]
+
+
+def _is_polygon(polygon: Any) -> bool:
+    """A flat ``[x1, y1, x2, y2, ...]`` list of at least 3 points (pycocotools reads 2 points as a box)."""
+    return (
+        isinstance(polygon, list)
+        and len(polygon) >= 6
+        and len(polygon) % 2 == 0
+        and all(isinstance(v, (int, float)) for v in polygon)
+    )
+
+
+def check_segmentation(segmentation: Any, height: int, width: int, path: str | os.PathLike, what: str) -> None:
+    """Refuse a ``segmentation`` that is neither polygons nor an RLE of its image's size; ``what`` names
+    the annotation in the error (e.g. ``"annotation 12"``)."""
+    if isinstance(segmentation, list) and segmentation and all(_is_polygon(p) for p in segmentation):
+        return
+    if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, list))):
+        raise InputDataError(
+            path,
+            f"{what}: segmentation must be polygons (flat [x1, y1, x2, y2, ...] lists of at least "
+            'three points) or an RLE object with "counts" and "size"',
+        )
+    if list(segmentation.get("size") or []) != [height, width]:
+        raise InputDataError(
+            path, f"{what}: RLE size {segmentation.get('size')} differs from its image's [{height}, {width}]"
+        )
+
+
+def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> dict:
+    """A checked COCO ``segmentation`` (polygons, uncompressed or compressed RLE) as one compressed RLE;
+    the polygons of one object are merged."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation

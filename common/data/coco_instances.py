@@ -29,7 +29,13 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type
 from pycocotools import mask as mask_utils
 
-from common.data.coco import coco_field, coco_records, load_coco
+from common.data.coco import (
+    check_segmentation,
+    coco_field,
+    coco_records,
+    load_coco,
+    segmentation_to_rle,
+)
 from common.errors import InputDataError
 
 __all__ = ["read_coco_instances", "decode_segmentations", "CocoInstancesd"]
@@ -58,32 +64,6 @@ def _category_labels(
         if name not in known:
             raise InputDataError(path, f"category {category_id} {name!r} is not one of {list(class_names)}")
     return {category_id: known[name] for category_id, name in names.items()}
-
-
-def _is_polygon(polygon: Any) -> bool:
-    """A flat ``[x1, y1, x2, y2, ...]`` list of at least 3 points (pycocotools reads 2 points as a box)."""
-    return (
-        isinstance(polygon, list)
-        and len(polygon) >= 6
-        and len(polygon) % 2 == 0
-        and all(isinstance(v, (int, float)) for v in polygon)
-    )
-
-
-def _check_segmentation(segmentation: Any, height: int, width: int, path: Path, what: str) -> None:
-    """Refuse a ``segmentation`` that is neither polygons nor an RLE of its image's size."""
-    if isinstance(segmentation, list) and segmentation and all(_is_polygon(p) for p in segmentation):
-        return
-    if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, list))):
-        raise InputDataError(
-            path,
-            f"{what}: segmentation must be polygons (flat [x1, y1, x2, y2, ...] lists of at least "
-            'three points) or an RLE object with "counts" and "size"',
-        )
-    if segmentation.get("size") != [height, width]:
-        raise InputDataError(
-            path, f"{what}: RLE size {segmentation.get('size')} differs from its image's [{height}, {width}]"
-        )
 
 
 def read_coco_instances(
@@ -156,7 +136,7 @@ def read_coco_instances(
         if category_id not in labels:
             raise InputDataError(path, f"{what} refers to unknown category_id {category_id!r}")
         entry = entries[image_id]
-        _check_segmentation(segmentation, entry["height"], entry["width"], path, what)
+        check_segmentation(segmentation, entry["height"], entry["width"], path, what)
         iscrowd = ann.get("iscrowd", 0)
         if iscrowd not in (0, 1):
             raise InputDataError(path, f'{what}: "iscrowd" must be 0 or 1, got {iscrowd!r}')
@@ -178,14 +158,7 @@ def decode_segmentations(segmentations: Sequence[list | dict], height: int, widt
     """COCO segmentations (polygons, uncompressed or compressed RLE) as (N, H, W) uint8 masks."""
     if not segmentations:
         return np.zeros((0, height, width), dtype=np.uint8)
-    rles = []
-    for segmentation in segmentations:
-        if isinstance(segmentation, list):  # the parts of one object: merged into one mask
-            rles.append(mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width)))
-        elif isinstance(segmentation["counts"], list):
-            rles.append(mask_utils.frPyObjects(segmentation, height, width))
-        else:
-            rles.append(segmentation)
+    rles = [segmentation_to_rle(segmentation, height, width) for segmentation in segmentations]
     return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
 
 

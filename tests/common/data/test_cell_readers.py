@@ -277,5 +277,5 @@ def test_livecell_missing_image_and_wrong_size(tmp_path):
 
 def test_livecell_malformed_polygon(tmp_path):
     path = livecell(tmp_path, annotations=[{"id": 3, "image_id": 1, "segmentation": [[1, 1, 5]]}])
-    with pytest.raises(InputDataError, match="annotation 3: polygon must be"):
+    with pytest.raises(InputDataError, match="annotation 3: segmentation must be polygons"):
         read_livecell(path, tmp_path / "images")
