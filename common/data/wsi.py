@@ -40,6 +40,8 @@ __all__ = [
     "SlideInfo",
     "Slide",
     "TiledTiffWSIReader",
+    "SLIDE_SUFFIXES",
+    "list_slides",
     "create_wsi_reader",
     "open_slide",
     "select_level",
@@ -48,6 +50,9 @@ __all__ = [
 ]
 
 BACKENDS = ("tifffile", "openslide", "auto")
+#: Whole-slide file suffixes :func:`list_slides` picks from a folder (generic TIFF, Aperio, Hamamatsu,
+#: 3DHistech, Leica, Ventana, Philips).
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide")
 _BACKGROUND_VALUE = 255  # white glass
 # Microns per TIFF ResolutionUnit (2 inch, 3 centimetre, 4 millimetre, 5 micrometre); 1 (none) means unknown.
 _MICRONS_PER_UNIT = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
@@ -280,6 +285,39 @@ def open_slide(path: str | os.PathLike, backend: str = "tifffile") -> Slide:
         wsi.close()
         raise
     return Slide(info, reader, wsi)
+
+
+def list_slides(
+    path: str | os.PathLike,
+    suffixes: Sequence[str] = SLIDE_SUFFIXES,
+    exclude_suffixes: Sequence[str] = ("_classes",),
+) -> list[str]:
+    """The slides to process: ``path`` itself when it is a file, else the files directly in the folder
+    ``path`` whose suffix is one of ``suffixes`` (any case), sorted.
+
+    Hidden files are skipped, and so are stems ending with ``exclude_suffixes``: by default the class-map
+    TIFFs that whole-slide inference writes, should its output folder be the slides' folder.
+
+    Raises:
+        InputDataError: ``path`` does not exist, or the folder holds no slide.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [str(path)]
+    if not path.is_dir():
+        raise InputDataError(path, "slide file or folder not found")
+    wanted = tuple(suffix.lower() for suffix in suffixes)
+    slides = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file()
+        and p.suffix.lower() in wanted
+        and not p.name.startswith(".")
+        and not p.stem.endswith(tuple(exclude_suffixes))
+    )
+    if not slides:
+        raise InputDataError(path, f"no slides ({', '.join(wanted)}) in this folder")
+    return [str(p) for p in slides]
 
 
 def _check_level(info: SlideInfo, level: int) -> None:

@@ -4,11 +4,13 @@ A MONAI ``SupervisedEvaluator`` with :class:`CAMInferer` produces class activati
 its postprocessing (:class:`common.postprocessing.pseudo_masks.CAMToPseudoMaskd`) turns them into a
 pseudo-mask and a confidence map; :class:`PseudoMaskWriter` writes both per image and, once every
 image is done, a manifest that stage 2 trains from. The configs then say the whole step, and a
-multi-GPU run needs no code of its own.
+multi-GPU run needs no code of its own. :class:`ClassPrototypeBuilder` ends a classifier's training
+by building the class prototypes of the PBIP-style variant, so that variant is one config switch.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -20,18 +22,21 @@ from typing import Any
 import ignite.distributed as idist
 import numpy as np
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from PIL import Image
 from torch import nn
 
 from common.data.histopathology import IGNORE_INDEX, write_mask
+from common.engines.checkpoint import unwrap_module
 from common.engines.samples import EpochAccumulator, iteration_samples, sample_name
 from common.errors import InputDataError
 from common.io.atomic import atomic_write
+from common.io.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
+from common.networks.cam_classifier import CAMClassifier, PrototypeCAMClassifier, build_class_prototypes
 
-__all__ = ["CAMInferer", "PseudoMaskWriter", "assign_split"]
+__all__ = ["CAMInferer", "ClassPrototypeBuilder", "PseudoMaskWriter", "assign_split"]
 
 _ORIGIN_KEYS = ("origin", "location")  # ours, then MONAI's WSIReader patch metadata
 
@@ -59,6 +64,80 @@ class CAMInferer(Inferer):
                 f"CAMInferer needs a network with a cams(x) method; {type(model).__name__} has none"
             )
         return cams(inputs, *args, **{**self.cams_kwargs, **kwargs})
+
+
+class ClassPrototypeBuilder:
+    """When training ends, build PBIP class prototypes from the classifier and save the prototype model.
+
+    Attach to the trainer of a :class:`~common.networks.cam_classifier.CAMClassifier`. At ``COMPLETED``
+    a copy of the classifier (the trained network is left as it is, so checkpoints saved after this
+    handler are unaffected) takes the weights of ``weights_file`` when given, usually the best
+    validation weights, :func:`~common.networks.cam_classifier.build_class_prototypes` runs over
+    ``data_loader``, and the ``state_dict`` of the resulting
+    :class:`~common.networks.cam_classifier.PrototypeCAMClassifier` is written atomically to
+    ``output_file``. Under DDP only rank 0 builds and writes.
+
+    Args:
+        network: the trained classifier, possibly wrapped in ``DistributedDataParallel``.
+        data_loader: un-augmented, normalised training images with their label vectors (dict batches).
+        output_file: where the prototype model's weights go.
+        weights_file: classifier weights to build from; ``None`` uses the network as trained.
+        num_prototypes, cam_threshold, max_vectors_per_class, seed, image_key, label_key: see
+            :func:`~common.networks.cam_classifier.build_class_prototypes`.
+        enabled: ``False`` attaches nothing, so a config can switch the variant with one flag.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        data_loader: Any,
+        output_file: str | os.PathLike,
+        weights_file: str | os.PathLike | None = None,
+        num_prototypes: int = 3,
+        cam_threshold: float = 0.5,
+        max_vectors_per_class: int = 10000,
+        seed: int = 0,
+        image_key: str = "image",
+        label_key: str = "label",
+        enabled: bool = True,
+    ) -> None:
+        if not isinstance(unwrap_module(network), CAMClassifier):
+            raise TypeError(f"ClassPrototypeBuilder needs a CAMClassifier, got {type(network).__name__}")
+        if num_prototypes < 1:
+            raise ValueError(f"num_prototypes must be >= 1, got {num_prototypes}")
+        self.network, self.data_loader = network, data_loader
+        self.output_file = Path(output_file)
+        self.weights_file = None if weights_file is None else Path(weights_file)
+        self.options = {
+            "num_prototypes": num_prototypes,
+            "cam_threshold": cam_threshold,
+            "max_vectors_per_class": max_vectors_per_class,
+            "image_key": image_key,
+            "label_key": label_key,
+            "seed": seed,
+        }
+        self.enabled = enabled
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine | None = None) -> Path | None:
+        """Build and save the prototype model; returns ``output_file`` (``None`` on ranks other than 0)."""
+        if idist.get_rank() != 0:
+            return None
+        classifier = copy.deepcopy(unwrap_module(self.network))
+        if self.weights_file is not None:
+            classifier.load_state_dict(extract_state_dict(load_checkpoint(self.weights_file)))
+        prototypes = build_class_prototypes(classifier, self.data_loader, **self.options)
+        model = PrototypeCAMClassifier(classifier, prototypes)
+        save_checkpoint(model.state_dict(), self.output_file)
+        self.logger.info(
+            "%d prototypes per class from %s saved to %s",
+            self.options["num_prototypes"], self.weights_file or "the trained network", self.output_file,
+        )
+        return self.output_file
 
 
 def assign_split(name: str, val_fraction: float, seed: int = 0) -> str:

@@ -27,6 +27,7 @@ Outputs, per slide ``<stem>``, each written atomically into ``output_dir``:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -57,6 +58,8 @@ from common.data.wsi import (
 from common.io.atomic import atomic_directory, atomic_write
 
 __all__ = ["TissueFilter", "mode_pool2", "WholeSlideSegmenter", "segment_slide"]
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 256  # spatial chunk of the merger's zarr arrays: ~1 MB blocks, small waste at tile edges
 _READ_BLOCK = 2048  # side of the blocks read for the thumbnail (12 MB of RGB)
@@ -496,6 +499,12 @@ class WholeSlideSegmenter:
                 shutil.rmtree(scratch, ignore_errors=True)
         summary["outputs"] = {name: str(path) for name, path in outputs.items()}
         summary["seconds"] = {"total": time.perf_counter() - start, "network": network_seconds}
+        logger.info(
+            "%s: level %d (%d x %d), %d tiles processed, %d skipped, tissue %.1f%%, %.1f s (network %.1f s)"
+            " -> %s",
+            slide_path, level, *shape, tissue.kept, tissue.skipped, 100 * summary["tissue_fraction"],
+            summary["seconds"]["total"], network_seconds, outputs["areas"],
+        )
         return summary
 
 

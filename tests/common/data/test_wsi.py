@@ -11,6 +11,7 @@ from monai.utils import optional_import
 
 from common.data.wsi import (
     create_wsi_reader,
+    list_slides,
     open_slide,
     read_region,
     select_level,
@@ -177,6 +178,20 @@ def test_open_slide_refuses_missing_corrupt_and_non_rgb_files(tmp_path):
     tifffile.imwrite(deep, np.zeros((64, 64, 3), np.uint16), tile=(32, 32), photometric="rgb")
     with pytest.raises(InputDataError, match=r"deep\.tif: expected 8-bit RGB pixels, found uint16"):
         open_slide(deep)
+
+
+def test_list_slides_takes_a_file_or_the_slides_of_a_folder(tmp_path):
+    for name in ("b.SVS", "a.tif", "c.ndpi", "a_classes.tif", "a_overlay.png", "notes.txt", ".hidden.svs"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub.tif").mkdir()
+    assert list_slides(tmp_path) == [str(tmp_path / name) for name in ("a.tif", "b.SVS", "c.ndpi")]
+    assert list_slides(tmp_path / "notes.txt") == [str(tmp_path / "notes.txt")]  # a file is taken as given
+    with pytest.raises(InputDataError, match=r"missing: slide file or folder not found"):
+        list_slides(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputDataError, match=r"empty: no slides \(\.svs, \.tif"):
+        list_slides(empty)
 
 
 def test_backends(slide_path):

@@ -11,8 +11,10 @@ from PIL import Image
 from torch import nn
 
 from common.data.histopathology import read_mask, read_patch_manifest
-from common.engines.pseudo_masks import CAMInferer, PseudoMaskWriter, assign_split
+from common.engines.pseudo_masks import CAMInferer, ClassPrototypeBuilder, PseudoMaskWriter, assign_split
 from common.errors import InputDataError
+from common.io.checkpoint import load_checkpoint, save_checkpoint
+from common.networks.cam_classifier import CAMClassifier, PrototypeCAMClassifier, build_class_prototypes
 from common.postprocessing.pseudo_masks import CAMToPseudoMaskd
 
 SIZE = 8
@@ -190,3 +192,47 @@ def test_cam_inferer_unwraps_parallel_networks_and_needs_cams():
     assert cams.shape == (2, 4, SIZE, SIZE) and network.calls == [{"scales": (1.0,)}]
     with pytest.raises(TypeError, match=r"needs a network with a cams\(x\) method; Linear has none"):
         CAMInferer()(torch.zeros(1, 3), nn.Linear(3, 2))
+
+
+def _prototype_batches() -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.float32)
+    images = torch.rand(4, 3, 32, 32, generator=generator)
+    return [{"image": images[i : i + 2], "label": labels[i : i + 2]} for i in (0, 2)]
+
+
+def _classifier(seed: int) -> CAMClassifier:
+    torch.manual_seed(seed)
+    model = CAMClassifier(3, backbone="resnet10t")
+    with torch.no_grad():
+        model.classifier.weight.abs_()  # every class activates somewhere
+    return model
+
+
+def test_prototype_builder_uses_the_best_weights_and_leaves_the_network_alone(tmp_path):
+    best, trained = _classifier(0), _classifier(1)
+    weights = save_checkpoint(best.state_dict(), tmp_path / "best.pt")
+    trained_state = {k: v.clone() for k, v in trained.state_dict().items()}
+    trainer = Engine(lambda engine, batch: None)
+    builder = ClassPrototypeBuilder(
+        nn.DataParallel(trained), _prototype_batches(), tmp_path / "prototypes.pt", weights, num_prototypes=2
+    )
+    builder.attach(trainer)
+    trainer.run([0], max_epochs=1)
+
+    restored = PrototypeCAMClassifier(CAMClassifier(3, backbone="resnet10t"), num_prototypes=2)
+    restored.load_state_dict(load_checkpoint(tmp_path / "prototypes.pt"))
+    expected = build_class_prototypes(best, _prototype_batches(), num_prototypes=2)
+    assert torch.equal(restored.prototypes, expected)
+    assert all(torch.equal(restored.classifier.state_dict()[k], v) for k, v in best.state_dict().items())
+    assert all(torch.equal(trained.state_dict()[k], v) for k, v in trained_state.items())
+
+
+def test_disabled_prototype_builder_attaches_nothing_and_needs_a_cam_classifier(tmp_path):
+    trainer = Engine(lambda engine, batch: None)
+    builder = ClassPrototypeBuilder(_classifier(0), _prototype_batches(), tmp_path / "p.pt", enabled=False)
+    builder.attach(trainer)
+    trainer.run([0], max_epochs=1)
+    assert not (tmp_path / "p.pt").exists()
+    with pytest.raises(TypeError, match="needs a CAMClassifier, got Linear"):
+        ClassPrototypeBuilder(nn.Linear(2, 2), [], tmp_path / "p.pt")
