@@ -56,6 +56,7 @@ from common.data.wsi import (
     write_pyramid_tiff,
 )
 from common.io.atomic import atomic_directory, atomic_write
+from common.postprocessing.pseudo_masks import tissue_mask
 
 __all__ = ["TissueFilter", "mode_pool2", "WholeSlideSegmenter", "segment_slide"]
 
@@ -286,6 +287,10 @@ class WholeSlideSegmenter:
         palette: ``num_classes`` RGB colours for the overlay; default
             :func:`common.data.histopathology.mask_palette` colours.
         overlay_alpha: opacity of the class colours in the overlay.
+        mask_glass: label as background every pixel that
+            :func:`~common.postprocessing.pseudo_masks.tissue_mask` calls glass, read from the slide at the
+            processed level. A network trained on pseudo-masks learned that glass convention at its output
+            stride only; this restores the pixel-level tissue outline (one more read of the slide).
     """
 
     def __init__(
@@ -310,6 +315,7 @@ class WholeSlideSegmenter:
         thumbnail_size: int = 2048,
         palette: Sequence[Sequence[int]] | None = None,
         overlay_alpha: float = 0.4,
+        mask_glass: bool = False,
     ) -> None:
         if not callable(network):
             raise TypeError(f"network must be callable, got {type(network).__name__}")
@@ -359,6 +365,7 @@ class WholeSlideSegmenter:
         if not 0.0 <= overlay_alpha <= 1.0:
             raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha!r}")
         self.overlay_alpha = overlay_alpha
+        self.mask_glass = mask_glass
         self.network = network
         self.output_dir = Path(output_dir)
 
@@ -406,18 +413,24 @@ class WholeSlideSegmenter:
         return (merged if isinstance(merged, zarr.Array) else None), network.seconds
 
     def _class_map(
-        self, probabilities: Any, shape: tuple[int, int], scratch: Path
+        self, probabilities: Any, shape: tuple[int, int], scratch: Path, slide: Slide, level: int
     ) -> tuple[zarr.Array, np.ndarray]:
-        """Arg-max class of every pixel (background where no tile was processed) and pixels per class."""
+        """Arg-max class of every pixel (background where no tile was processed, and with ``mask_glass``
+        where the slide shows glass) and pixels per class."""
         classes = _label_array(scratch / "classes_0.zarr", shape, self.tile_size, self.background_index)
         counts = np.zeros(self.num_classes, dtype=np.int64)
         if probabilities is None:
             counts[self.background_index] = shape[0] * shape[1]
             return classes, counts
+        downsample = slide.info.downsamples[level]
         for rows, cols in _blocks(shape, self.tile_size):
             block = np.asarray(probabilities[0, :, rows, cols])
             labels = block.argmax(axis=0).astype(np.uint8)
             labels[np.isnan(block[0])] = self.background_index
+            if self.mask_glass:
+                location = (round(rows.start * downsample), round(cols.start * downsample))
+                rgb = read_region(slide, location, (rows.stop - rows.start, cols.stop - cols.start), level)
+                labels[~tissue_mask(rgb)] = self.background_index
             classes[rows, cols] = labels
             counts += np.bincount(labels.ravel(), minlength=self.num_classes)
         return classes, counts
@@ -474,7 +487,7 @@ class WholeSlideSegmenter:
             try:
                 tissue = TissueFilter(self.min_tissue_fraction)
                 probabilities, network_seconds = self._infer(slide_path, level, scratch, tissue)
-                classes, counts = self._class_map(probabilities, shape, scratch)
+                classes, counts = self._class_map(probabilities, shape, scratch, slide, level)
                 levels = _pyramid(classes, scratch, self.tile_size, self.background_index)
                 summary = self._areas(slide, slide_path, level, counts, tissue)
                 outputs = {

@@ -36,6 +36,7 @@ __all__ = [
     "clean_pseudo_mask",
     "cams_to_pseudo_mask",
     "CAMToPseudoMaskd",
+    "GlassToBackgroundd",
 ]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -378,3 +379,53 @@ class CAMToPseudoMaskd(MapTransform):
         if isinstance(reference, torch.Tensor):
             return convert_to_dst_type(out, reference, dtype=dtype)[0]
         return out
+
+
+class GlassToBackgroundd(MapTransform):
+    """Class maps in which every pixel :func:`tissue_mask` calls glass is background.
+
+    Pseudo-masks take their glass from the pixel-level tissue mask, but a segmentation network trained
+    on them predicts at its output stride and rounds that outline off; applying the same mask to its
+    predictions restores it, so that predictions and pseudo-masks follow one glass convention.
+
+    Args:
+        keys: predictions: (K, H, W) class scores (their arg-max is taken) or a (1, H, W) class map; each
+            is replaced by a (1, H, W) int64 class map of the same tensor type.
+        image_key: the RGB image the predictions belong to, in 0..255 (not normalised).
+        background_index: class of glass (the collection's convention: the number of tissue classes).
+        saturation_threshold, brightness_threshold: see :func:`tissue_mask`.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        image_key: str = "image",
+        background_index: int = 4,
+        saturation_threshold: float = 0.1,
+        brightness_threshold: float = 0.85,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if background_index < 0:
+            raise ValueError(f"background_index must be >= 0, got {background_index}")
+        self.image_key = image_key
+        self.background_index = background_index
+        self.saturation_threshold = saturation_threshold
+        self.brightness_threshold = brightness_threshold
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        glass = ~tissue_mask(d[self.image_key], self.saturation_threshold, self.brightness_threshold)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            scores = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+            if scores.ndim != 3 or scores.shape[1:] != glass.shape:
+                raise ValueError(
+                    f"{key!r} must be (K, H, W) scores or a (1, H, W) class map of the image's size "
+                    f"{glass.shape}, got shape {scores.shape}"
+                )
+            classes = scores.argmax(axis=0) if scores.shape[0] > 1 else scores[0].astype(np.int64)
+            classes[glass] = self.background_index
+            d[key] = convert_to_dst_type(classes[None].astype(np.int64), pred, dtype=torch.int64)[0]
+        return d
+

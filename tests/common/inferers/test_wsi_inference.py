@@ -138,6 +138,21 @@ def test_skipped_tiles_are_background_not_class_0(tmp_path):
     assert summary["tiles"] == {"processed": 7 * 4, "skipped": 7}
 
 
+def test_mask_glass_labels_glass_in_kept_tiles_as_background(tmp_path):
+    """The class-0-everywhere network of the test above: with ``mask_glass`` the glass columns of the
+    kept windows (128..255) become background too, read from the slide pixel by pixel."""
+    network = torch.nn.Conv2d(3, 5, kernel_size=1)
+    with torch.no_grad():
+        network.weight.zero_()
+        network.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]))
+    slide = write_slide(tmp_path / "slide.tif", glass_red_blue())
+    summary = segment_slide(
+        slide, network, tmp_path / "out", 5, patch_size=256, overlap=0.5, tile_size=256, mask_glass=True
+    )
+    classes = read_levels(summary["outputs"]["classes"])[0]
+    assert (classes[:, :256] == BACKGROUND).all() and (classes[:, 256:] == 0).all()
+
+
 def test_a_slide_of_bare_glass_is_all_background(tmp_path):
     slide = write_slide(tmp_path / "glass.tif", np.full((300, 200, 3), 255, np.uint8), levels=1)
     summary = segment_slide(

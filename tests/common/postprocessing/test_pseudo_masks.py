@@ -5,6 +5,7 @@ from monai.data import MetaTensor
 
 from common.postprocessing.pseudo_masks import (
     CAMToPseudoMaskd,
+    GlassToBackgroundd,
     cams_to_pseudo_mask,
     clean_pseudo_mask,
     normalise_cams,
@@ -183,3 +184,30 @@ def test_dictionary_transform_keeps_the_metadata():
         CAMToPseudoMaskd(keys="pred")({"pred": cams, "label": torch.tensor([1, 1])})
     no_glass = CAMToPseudoMaskd(keys="pred", image_key=None)({"pred": cams, "label": torch.tensor([1, 1])})
     assert (no_glass["pseudo_mask"] < 2).all()
+
+
+def _glass_left_pink_right() -> torch.Tensor:
+    image = torch.empty(3, 4, 6)
+    image[:, :, :3] = 250.0  # bright grey: glass
+    image[:, :, 3:] = torch.tensor([230.0, 150.0, 200.0])[:, None, None]  # pale pink: stroma
+    return image
+
+
+def test_glass_to_background_on_scores_and_class_maps():
+    image = _glass_left_pink_right()
+    scores = torch.zeros(5, 4, 6)
+    scores[1] = 1.0  # class 1 everywhere, glass included
+    out = GlassToBackgroundd(image_key="image", background_index=4)(
+        {"pred": MetaTensor(scores, meta={"filename_or_obj": "a.png"}), "image": image}
+    )
+    expected = torch.tensor([4, 4, 4, 1, 1, 1]).expand(4, 6)
+    assert out["pred"].shape == (1, 4, 6) and out["pred"].dtype == torch.int64
+    assert torch.equal(out["pred"][0].as_tensor(), expected)
+    assert out["pred"].meta["filename_or_obj"] == "a.png"
+    class_map = {"pred": torch.full((1, 4, 6), 2), "image": image}
+    assert torch.equal(GlassToBackgroundd(background_index=4)(class_map)["pred"][0], expected.where(expected == 4, 2))
+
+
+def test_glass_to_background_needs_predictions_of_the_image_size():
+    with pytest.raises(ValueError, match="image's size"):
+        GlassToBackgroundd()({"pred": torch.zeros(5, 2, 2), "image": _glass_left_pink_right()})
