@@ -22,7 +22,7 @@ from typing import Any
 import ignite.distributed as idist
 from ignite.engine import Engine
 
-from common.engines.samples import EpochAccumulator, iteration_samples, sample_name
+from common.engines.samples import EpochAccumulator, gather_by_name, iteration_samples, sample_name
 from common.io.atomic import atomic_write
 from common.metrics.ctc import CTCScores, aggregate_ctc, ctc_scores
 
@@ -96,12 +96,8 @@ class CTCMetricsHandler(EpochAccumulator):
     def _gathered(self) -> list[tuple[str, CTCScores]]:
         """All ranks' records as plain values, each image once, in rank then arrival order."""
         local = [(name, tuple(scores.as_dict().values())) for name, scores in self._records]
-        per_rank = idist.all_gather(local)
-        unique: dict[str, CTCScores] = {}
-        for records in per_rank:
-            for name, values in records:
-                unique.setdefault(name, CTCScores(**dict(zip(_SCORE_FIELDS, values))))
-        return list(unique.items())
+        unique = gather_by_name(local, lambda record: record[0])
+        return [(name, CTCScores(**dict(zip(_SCORE_FIELDS, values)))) for name, values in unique.values()]
 
     def complete(self, engine: Engine) -> None:
         """Aggregate, publish ``SEG``/``DET``/``OP_CSB`` in ``engine.state.metrics`` and write the reports."""

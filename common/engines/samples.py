@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import ignite.distributed as idist
 
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 
-__all__ = ["iteration_samples", "sample_name", "EpochAccumulator"]
+__all__ = ["iteration_samples", "sample_name", "gather_by_name", "EpochAccumulator"]
 
 
 def iteration_samples(engine: Engine) -> list[dict[str, Any]]:
@@ -41,6 +43,19 @@ def sample_name(sample: Mapping[str, Any], name_key: str = "name", image_key: st
     if isinstance(source, (str, os.PathLike)) and os.fspath(source):
         return os.fspath(source)
     return None
+
+
+Record = TypeVar("Record")
+
+
+def gather_by_name(records: Sequence[Record], name: Callable[[Record], str]) -> dict[str, Record]:
+    """Every rank's ``records`` keyed by ``name(record)``, the first of each name kept (rank order, then
+    arrival order). DistributedSampler pads an epoch by repeating samples: a repeated image counts once."""
+    unique: dict[str, Record] = {}
+    for rank_records in idist.all_gather(list(records)):
+        for record in rank_records:
+            unique.setdefault(name(record), record)
+    return unique
 
 
 class EpochAccumulator(ABC):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 
-from common.engines.samples import EpochAccumulator, iteration_samples, sample_name
+from common.engines.samples import EpochAccumulator, gather_by_name, iteration_samples, sample_name
 from common.io.atomic import atomic_write
 from common.metrics.semantic_segmentation import (
     SegmentationConfusion,
@@ -118,14 +118,11 @@ class SegmentationMetricsHandler(EpochAccumulator):
 
     def complete(self, engine: Engine) -> None:
         """Pool all ranks' counts, publish the figures, log them and write the report."""
-        unique: dict[str, SegmentationCounts] = {}
-        for records in idist.all_gather(self._records):
-            for name, counts in records:
-                unique.setdefault(name, counts)
+        unique = gather_by_name(self._records, lambda record: record[0])
         if not unique:
             raise RuntimeError("SegmentationMetricsHandler saw no images during the epoch; nothing to score")
         self.confusion.reset()
-        for counts in unique.values():
+        for _, counts in unique.values():
             self.confusion.add(counts)
         report = self.confusion.report(self.class_names)
         for key in SUMMARY_METRICS:

@@ -30,7 +30,7 @@ from ignite.engine import Engine
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from common.engines.samples import EpochAccumulator, iteration_samples, sample_name
+from common.engines.samples import EpochAccumulator, gather_by_name, iteration_samples, sample_name
 from common.io.atomic import atomic_write
 
 __all__ = ["fixed_box_iou", "evaluate_point_detections", "CocoPointsEvaluationHandler"]
@@ -355,12 +355,8 @@ class CocoPointsEvaluationHandler(EpochAccumulator):
 
     def complete(self, engine: Engine) -> None:
         """Gather all ranks' images, evaluate, publish, log and write the figures."""
-        ground_truth: dict[str, dict[str, Any]] = {}
-        predictions: dict[str, dict[str, Any]] = {}
-        for refs, preds in zip(idist.all_gather(self._ground_truth), idist.all_gather(self._predictions)):
-            for ref, pred in zip(refs, preds):
-                ground_truth.setdefault(ref["name"], ref)
-                predictions.setdefault(pred["name"], pred)
+        ground_truth = gather_by_name(self._ground_truth, lambda record: record["name"])
+        predictions = gather_by_name(self._predictions, lambda record: record["name"])
         results = evaluate_point_detections(
             list(ground_truth.values()),
             list(predictions.values()),

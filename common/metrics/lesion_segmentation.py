@@ -33,7 +33,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from common.engines.samples import EpochAccumulator, iteration_samples, sample_name
+from common.engines.samples import EpochAccumulator, gather_by_name, iteration_samples, sample_name
 from common.errors import InputDataError
 from common.io.atomic import atomic_write
 
@@ -408,11 +408,7 @@ class LesionSegmentationEvaluationHandler(EpochAccumulator):
 
     def complete(self, engine: Engine) -> None:
         """Gather all ranks' images, evaluate, publish, log and write the figures."""
-        records: dict[str, dict[str, Any]] = {}
-        for rank_records in idist.all_gather(self._records):
-            for record in rank_records:
-                records.setdefault(record["name"], record)
-        images = list(records.values())
+        images = list(gather_by_name(self._records, lambda record: record["name"]).values())
         if not images:
             raise RuntimeError("LesionSegmentationEvaluationHandler: the epoch produced no images to score.")
         results = _evaluate(images, self.category_names)

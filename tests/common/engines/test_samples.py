@@ -1,7 +1,7 @@
 import torch
 from ignite.engine import Engine
 
-from common.engines.samples import iteration_samples
+from common.engines.samples import gather_by_name, iteration_samples
 
 
 def _engine(output, batch):
@@ -32,3 +32,9 @@ def test_sample_name_prefers_the_name_then_the_image_file():
     assert sample_name({"name": "b.png", "image": image}) == "b.png"
     assert sample_name({"image": image}) == "/data/a.png"
     assert sample_name({"image": torch.zeros(1)}) is None
+
+
+def test_gather_by_name_keeps_the_first_record_of_each_name():
+    records = [("a.png", 1), ("b.png", 2), ("a.png", 3)]  # a.png repeated, as DistributedSampler pads
+    assert gather_by_name(records, lambda record: record[0]) == {"a.png": ("a.png", 1), "b.png": ("b.png", 2)}
+    assert gather_by_name([], lambda record: record[0]) == {}
