@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+from common.transforms.centernet import centernet_target
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +28,11 @@ def run_command(args: list[str], timeout: float = 600, check: bool = True, **env
 
 def bundle_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", *args]
+
+
+def centernet_oracle_output(centres: np.ndarray, image_size: int = 128, box_size: float = 100.0) -> torch.Tensor:
+    """What a perfect CenterNet would output for cells centred at ``centres`` (x, y): the training
+    target, with the heatmap as logits."""
+    boxes = np.concatenate([centres - box_size / 2, centres + box_size / 2], axis=1)
+    target = torch.from_numpy(centernet_target(boxes, (image_size, image_size)))
+    return torch.cat([torch.logit(target[:1], eps=1e-6), target[1:3]])

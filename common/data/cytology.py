@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from common.data.cell_readers import image_size
-from common.data.datalist import IMAGE_SUFFIXES
 from common.data.coco import coco_field, coco_records, load_coco
+from common.data.datalist import IMAGE_SUFFIXES
 from common.errors import InputDataError
 
 __all__ = [

@@ -26,7 +26,7 @@ trainer's output is a dict of scalar losses, which ``StatsHandler`` and ``Tensor
 log key by key with ``output_transform=lambda x: x`` (``from_engine(["loss"], first=True)`` returns a
 tuple for a dict and logs nothing). The evaluator's ``engine.state.output`` and ``engine.state.batch``
 are lists of per-sample dicts, so postprocessing runs per sample and
-:func:`~common.engines.samples.iteration_samples` joins predictions with their reference instances.
+:func:`~common.handlers.samples.iteration_samples` joins predictions with their reference instances.
 """
 
 from __future__ import annotations

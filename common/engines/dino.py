@@ -4,7 +4,7 @@
 ``network`` is the student (optionally wrapped in DistributedDataParallel) and whose data loader
 yields the views of :class:`~common.transforms.multicrop.MultiCropViewsd` (the trainer's
 ``loss_function`` is unused by the step; pass the same :class:`~common.losses.dino.DINOLoss`).
-:class:`common.engines.backbone.SaveBackboneHandler` writes the teacher's backbone, the weights the
+:class:`common.handlers.backbone.SaveBackboneHandler` writes the teacher's backbone, the weights the
 segmentation bundles fine-tune, as training goes. The teacher EMA momentum and the loss's temperature warm-up are read off
 ``engine.state.iteration``, so a resumed run continues both schedules where they stopped.
 """

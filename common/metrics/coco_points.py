@@ -13,27 +13,17 @@ centres within s/3 of each other along one axis, IoU 0.95 within about 2.6 % of 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import ignite.distributed as idist
 import numpy as np
-import torch
-from ignite.engine import Engine
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from monai.utils import convert_to_numpy
 
-from common.engines.samples import EpochAccumulator, gather_by_name, iteration_samples, sample_name
-from common.io.atomic import atomic_write
+from common.metrics.cocoeval import run_cocoeval
 
-__all__ = ["fixed_box_iou", "evaluate_point_detections", "CocoPointsEvaluationHandler"]
+__all__ = ["fixed_box_iou", "evaluate_point_detections"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +148,7 @@ def _detections(
         if key in detections:
             raise ValueError(f"image {key!r} appears twice in the predictions.")
         points, labels = _points_and_labels(item, key, n_classes)
-        scores = _array(item.get("scores", ()), np.float64).reshape(-1)
+        scores = convert_to_numpy(item.get("scores", ()), np.float64, wrap_sequence=True).reshape(-1)
         if len(scores) != len(points):
             raise ValueError(f"image {key!r}: {len(scores)} scores for {len(points)} points.")
         detections[key] = (points, labels, scores)
@@ -197,18 +187,9 @@ def _coco_average_precision(
                 anns.append(ann)
         return anns
 
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools reports its progress on stdout
-        coco_gt = _coco(images, categories, annotations(references))
-        # the result set is built like the reference one (COCO.loadRes cannot take an empty list)
-        coco_dt = _coco(images, categories, annotations(detections))
-        evaluation = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        evaluation.params.imgIds = list(image_ids.values())
-        evaluation.params.maxDets = [1, 10, max_detections]
-        evaluation.evaluate()
-        evaluation.accumulate()
-    summary = io.StringIO()
-    with contextlib.redirect_stdout(summary):
-        evaluation.summarize()
+    evaluation, summary = run_cocoeval(
+        images, categories, annotations(references), annotations(detections), "bbox", max_detections
+    )
 
     # precision: (IoU thresholds, recall thresholds, classes, area ranges, max dets), -1 = no references
     precision = evaluation.eval["precision"][:, :, :, evaluation.params.areaRngLbl.index("all"), -1]
@@ -218,15 +199,7 @@ def _coco_average_precision(
         values = precision[:, :, c]
         if (values > -1).all():
             per_class[c] = values.mean(), values[iou_50].mean()
-    return per_class, summary.getvalue().rstrip()
-
-
-def _coco(images: list[dict], categories: list[dict], annotations: list[dict]) -> COCO:
-    """A COCO object built in memory (no JSON file)."""
-    coco = COCO()
-    coco.dataset = {"images": images, "categories": categories, "annotations": annotations}
-    coco.createIndex()
-    return coco
+    return per_class, summary
 
 
 def _recall_precision(
@@ -263,121 +236,6 @@ def _recall_precision(
     return recall, precision
 
 
-class CocoPointsEvaluationHandler(EpochAccumulator):
-    """Score a detect-and-classify evaluation run with :func:`evaluate_point_detections`.
-
-    Attach to the evaluator whose postprocessing puts, per image, the detections under ``points_key``
-    (K, 2), ``scores_key`` (K,) and ``classes_key`` (K,), and whose data carry the reference
-    ``boxes_key`` (N, 4 xyxy; their centres are the reference points) and ``labels_key`` (N,), in the
-    output or the batch. At the end of the epoch ``mAP``, ``mAP50``, ``agnostic_mAP``,
-    ``agnostic_mAP50`` and ``recall`` go into ``engine.state.metrics``, the COCO summary is logged, and
-    with ``output_dir`` ``summary_file`` is written atomically. Under DDP the images of all ranks are
-    gathered (an image met twice is counted once) and rank 0 writes.
-
-    Args:
-        class_names: names in class-index order.
-        output_dir: folder of ``summary_file``; ``None`` writes nothing.
-        box_size: side of the fixed box drawn around every point.
-        score_threshold: minimum score of the detections counted in ``recall``.
-        max_detections: COCO's per-image detection limit.
-        points_key, scores_key, classes_key: keys of the detections.
-        boxes_key, labels_key: keys of the reference boxes and class indices.
-        name_key: key of the image name; without it, the ``filename_or_obj`` of ``image_key``'s
-            metadata, else the position on the rank.
-        image_key: key of the image MetaTensor.
-        summary_file: JSON file name.
-        logger_name: logger receiving the summary.
-    """
-
-    def __init__(
-        self,
-        class_names: Sequence[str],
-        output_dir: str | os.PathLike | None = None,
-        box_size: float = 100,
-        score_threshold: float = 0.3,
-        max_detections: int = 100,
-        points_key: str = "points",
-        scores_key: str = "scores",
-        classes_key: str = "classes",
-        boxes_key: str = "boxes",
-        labels_key: str = "labels",
-        name_key: str = "name",
-        image_key: str = "image",
-        summary_file: str = "detection_metrics.json",
-        logger_name: str = __name__,
-    ) -> None:
-        self.class_names = list(class_names)
-        self.output_dir = None if output_dir is None else Path(output_dir)
-        self.box_size = box_size
-        self.score_threshold = score_threshold
-        self.max_detections = max_detections
-        self.points_key, self.scores_key, self.classes_key = points_key, scores_key, classes_key
-        self.boxes_key, self.labels_key = boxes_key, labels_key
-        self.name_key, self.image_key = name_key, image_key
-        self.summary_file = summary_file
-        self.logger = logging.getLogger(logger_name)
-        self._ground_truth: list[dict[str, Any]] = []
-        self._predictions: list[dict[str, Any]] = []
-
-    def reset(self, engine: Engine | None = None) -> None:
-        self._ground_truth, self._predictions = [], []
-
-    def update(self, engine: Engine) -> None:
-        """Keep the detections and references of every image of the iteration, as NumPy arrays."""
-        for sample in iteration_samples(engine):
-            keys = (self.points_key, self.scores_key, self.classes_key, self.boxes_key, self.labels_key)
-            missing = [k for k in keys if k not in sample]
-            if missing:
-                raise KeyError(
-                    f"CocoPointsEvaluationHandler: no {missing} in the engine output or batch; "
-                    f"found {list(sample)}"
-                )
-            name = self._name(sample)
-            boxes = _array(sample[self.boxes_key], np.float64).reshape(-1, 4)
-            self._ground_truth.append(
-                {
-                    "name": name,
-                    "points": (boxes[:, :2] + boxes[:, 2:]) / 2,
-                    "labels": _array(sample[self.labels_key], np.int64).reshape(-1),
-                }
-            )
-            self._predictions.append(
-                {
-                    "name": name,
-                    "points": _array(sample[self.points_key], np.float64).reshape(-1, 2),
-                    "labels": _array(sample[self.classes_key], np.int64).reshape(-1),
-                    "scores": _array(sample[self.scores_key], np.float64).reshape(-1),
-                }
-            )
-
-    def _name(self, sample: Mapping[str, Any]) -> str:
-        return sample_name(sample, self.name_key, self.image_key) or f"rank{idist.get_rank()}_image{len(self._ground_truth)}"
-
-    def complete(self, engine: Engine) -> None:
-        """Gather all ranks' images, evaluate, publish, log and write the figures."""
-        ground_truth = gather_by_name(self._ground_truth, lambda record: record["name"])
-        predictions = gather_by_name(self._predictions, lambda record: record["name"])
-        results = evaluate_point_detections(
-            list(ground_truth.values()),
-            list(predictions.values()),
-            self.class_names,
-            box_size=self.box_size,
-            score_threshold=self.score_threshold,
-            max_detections=self.max_detections,
-        )
-        for name in ("mAP", "mAP50", "agnostic_mAP", "agnostic_mAP50", "recall"):
-            engine.state.metrics[name] = results[name]
-        self.logger.info(
-            "detection over %d images: mAP %.4f, mAP50 %.4f, agnostic mAP %.4f, agnostic mAP50 %.4f, "
-            "recall %.4f at score >= %g\n%s",
-            results["n_images"], results["mAP"], results["mAP50"], results["agnostic_mAP"],
-            results["agnostic_mAP50"], results["recall"], self.score_threshold, results["summary"],
-        )
-        if self.output_dir is not None and idist.get_rank() == 0:
-            text = json.dumps(_nan_to_none(results), indent=2) + "\n"
-            atomic_write(self.output_dir / self.summary_file, lambda f: f.write(text.encode("utf-8")))
-
-
 def _image_key(item: Mapping[str, Any]) -> str:
     key = item.get("name", item.get("image_id"))
     if key is None:
@@ -385,15 +243,9 @@ def _image_key(item: Mapping[str, Any]) -> str:
     return str(key)
 
 
-def _array(value: Any, dtype: type) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value, dtype=dtype)
-
-
 def _points_and_labels(item: Mapping[str, Any], key: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    points = _array(item.get("points", np.zeros((0, 2))), np.float64).reshape(-1, 2)
-    labels = _array(item.get("labels", ()), np.int64).reshape(-1)
+    points = convert_to_numpy(item.get("points", np.zeros((0, 2))), np.float64, wrap_sequence=True).reshape(-1, 2)
+    labels = convert_to_numpy(item.get("labels", ()), np.int64, wrap_sequence=True).reshape(-1)
     if len(labels) != len(points):
         raise ValueError(f"image {key!r}: {len(labels)} labels for {len(points)} points.")
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
@@ -415,10 +267,3 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
-def _nan_to_none(value: Any) -> Any:
-    """Strict JSON has no NaN: an AP without references is written as ``null``."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    return value

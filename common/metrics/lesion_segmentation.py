@@ -14,41 +14,35 @@ Two views of the same predictions, each computed the way its field reports it:
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-import json
-import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import ignite.distributed as idist
 import numpy as np
-import torch
-from ignite.engine import Engine
+from monai.utils import convert_to_numpy
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from common.engines.samples import EpochAccumulator, gather_by_name, iteration_samples, sample_name
 from common.errors import InputDataError
-from common.io.atomic import atomic_write
+from common.metrics.cocoeval import run_cocoeval
 
 __all__ = [
     "ISIC_JACCARD_THRESHOLD",
     "overlap_scores",
     "lesion_overlap_scores",
     "coco_instance_metrics",
-    "LesionSegmentationEvaluationHandler",
+    "encode_reference",
+    "encode_detections",
+    "overlap_counts",
+    "evaluate_records",
+    "COCO_KEYS",
+    "PER_IMAGE_FIELDS",
 ]
 
 ISIC_JACCARD_THRESHOLD = 0.65
 _COCO_FIGURES = {"AP": 0, "AP50": 1, "AP75": 2}  # positions in COCOeval.stats
-_COCO_KEYS = tuple(f"{iou_type}_{figure}" for iou_type in ("bbox", "segm") for figure in _COCO_FIGURES)
-_PER_IMAGE_FIELDS = ("jaccard", "dice", "thresholded_jaccard")
+COCO_KEYS = tuple(f"{iou_type}_{figure}" for iou_type in ("bbox", "segm") for figure in _COCO_FIGURES)
+PER_IMAGE_FIELDS = ("jaccard", "dice", "thresholded_jaccard")
 
 
 def overlap_scores(
@@ -93,13 +87,13 @@ def lesion_overlap_scores(
     if len(predicted) != len(reference):
         raise ValueError(f"{len(predicted)} predicted masks for {len(reference)} reference masks.")
     counts = np.array(
-        [_overlap_counts(p, r, f"image {i}") for i, (p, r) in enumerate(zip(predicted, reference))],
+        [overlap_counts(p, r, f"image {i}") for i, (p, r) in enumerate(zip(predicted, reference))],
         np.int64,
     ).reshape(-1, 3)
     return overlap_scores(*counts.T, threshold=threshold)
 
 
-def _overlap_counts(predicted: Any, reference: Any, name: str) -> tuple[int, int, int]:
+def overlap_counts(predicted: Any, reference: Any, name: str) -> tuple[int, int, int]:
     """(intersection, predicted area, reference area) in pixels of two lesion masks."""
     predicted, reference = _union(predicted), _union(reference)
     if predicted.shape != reference.shape:
@@ -108,7 +102,7 @@ def _overlap_counts(predicted: Any, reference: Any, name: str) -> tuple[int, int
 
 
 def _union(mask: Any) -> np.ndarray:
-    mask = _numpy(mask).astype(bool)
+    mask = convert_to_numpy(mask, wrap_sequence=True).astype(bool)
     return mask.any(axis=0) if mask.ndim == 3 else mask
 
 
@@ -144,7 +138,7 @@ def coco_instance_metrics(
         name = _name_of(item)
         if name in images:
             raise InputDataError(name, "image appears twice in the ground truth")
-        images[name] = _encode_reference(name, item["instances"], item["labels"], len(category_names))
+        images[name] = encode_reference(name, item["instances"], item["labels"], len(category_names))
     predicted: set[str] = set()
     for item in predictions:
         name = _name_of(item)
@@ -153,10 +147,10 @@ def coco_instance_metrics(
         if name in predicted:
             raise InputDataError(name, "image appears twice in the predictions")
         predicted.add(name)
-        images[name]["detections"] = _encode_detections(
+        images[name]["detections"] = encode_detections(
             name, item, images[name]["size"], len(category_names), mask_threshold
         )
-    return _evaluate(list(images.values()), list(category_names))
+    return evaluate_records(list(images.values()), list(category_names))
 
 
 def _name_of(item: Mapping[str, Any]) -> str:
@@ -165,9 +159,9 @@ def _name_of(item: Mapping[str, Any]) -> str:
     return str(item["name"])
 
 
-def _encode_reference(name: str, instances: Any, labels: Any, n_categories: int) -> dict[str, Any]:
+def encode_reference(name: str, instances: Any, labels: Any, n_categories: int) -> dict[str, Any]:
     """An image record: its size, and its reference lesions as RLEs (compact enough to gather)."""
-    instances = _numpy(instances)
+    instances = convert_to_numpy(instances, wrap_sequence=True)
     if instances.ndim != 3:
         raise InputDataError(name, f"reference instances must be (N, H, W), got shape {instances.shape}")
     labels = _labels(name, labels, len(instances), n_categories, "reference")
@@ -179,19 +173,19 @@ def _encode_reference(name: str, instances: Any, labels: Any, n_categories: int)
     }
 
 
-def _encode_detections(
+def encode_detections(
     name: str, item: Mapping[str, Any], size: tuple[int, int], n_categories: int, mask_threshold: float
 ) -> list[tuple[dict[str, Any], list[float], float, int]]:
     """(mask RLE, xywh box, score, label) of every detection of an image."""
-    masks = _numpy(item["masks"])
+    masks = convert_to_numpy(item["masks"], wrap_sequence=True)
     masks = masks.reshape(-1, *masks.shape[-2:]) if masks.ndim == 4 else masks
     if masks.ndim != 3 or masks.shape[1:] != tuple(size):
         raise InputDataError(
             name, f"predicted masks of shape {masks.shape} for an image of size {tuple(size)}"
         )
     binary = masks if masks.dtype == bool else masks > mask_threshold
-    boxes = _numpy(item["boxes"]).astype(np.float64).reshape(-1, 4)
-    scores = _numpy(item["scores"]).astype(np.float64).reshape(-1)
+    boxes = convert_to_numpy(item["boxes"], wrap_sequence=True).astype(np.float64).reshape(-1, 4)
+    scores = convert_to_numpy(item["scores"], wrap_sequence=True).astype(np.float64).reshape(-1)
     labels = _labels(name, item["labels"], len(masks), n_categories, "predicted")
     if not len(boxes) == len(scores) == len(masks):
         raise InputDataError(name, f"{len(masks)} masks, {len(boxes)} boxes and {len(scores)} scores")
@@ -203,7 +197,7 @@ def _encode_detections(
 
 
 def _labels(name: str, labels: Any, count: int, n_categories: int, what: str) -> np.ndarray:
-    labels = _numpy(labels).astype(np.int64).reshape(-1)
+    labels = convert_to_numpy(labels, wrap_sequence=True).astype(np.int64).reshape(-1)
     if len(labels) != count:
         raise InputDataError(name, f"{len(labels)} {what} labels for {count} masks")
     if len(labels) and (labels.min() < 1 or labels.max() > n_categories):
@@ -217,7 +211,7 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
     return mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
 
 
-def _evaluate(images: list[dict[str, Any]], category_names: list[str]) -> dict[str, Any]:
+def evaluate_records(images: list[dict[str, Any]], category_names: list[str]) -> dict[str, Any]:
     """COCO box and mask figures of encoded image records."""
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(category_names)]
     image_entries = [
@@ -252,7 +246,7 @@ def _evaluate(images: list[dict[str, Any]], category_names: list[str]) -> dict[s
     for iou_type in ("bbox", "segm"):
         for i, ann in enumerate(detections[iou_type], start=1):
             ann["id"] = i
-        evaluation, summary = _run_cocoeval(
+        evaluation, summary = run_cocoeval(
             image_entries, categories, references, detections[iou_type], iou_type
         )
         summaries.append(f"{iou_type}:\n{summary}")
@@ -267,29 +261,6 @@ def _evaluate(images: list[dict[str, Any]], category_names: list[str]) -> dict[s
     results["n_detections"] = len(detections["segm"])
     results["summary"] = "\n".join(summaries)
     return results
-
-
-def _run_cocoeval(
-    images: list[dict], categories: list[dict], references: list[dict], detections: list[dict], iou_type: str
-) -> tuple[COCOeval, str]:
-    """Evaluate and summarise in memory, keeping the summary text and dropping pycocotools' progress."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        # both sets are built directly: COCO.loadRes cannot take an empty detection list
-        coco_gt, coco_dt = _coco(images, categories, references), _coco(images, categories, detections)
-        evaluation = COCOeval(coco_gt, coco_dt, iouType=iou_type)
-        evaluation.evaluate()
-        evaluation.accumulate()
-    summary = io.StringIO()
-    with contextlib.redirect_stdout(summary):
-        evaluation.summarize()
-    return evaluation, summary.getvalue().rstrip()
-
-
-def _coco(images: list[dict], categories: list[dict], annotations: list[dict]) -> COCO:
-    coco = COCO()
-    coco.dataset = {"images": images, "categories": categories, "annotations": annotations}
-    coco.createIndex()
-    return coco
 
 
 def _category_figures(evaluation: COCOeval, category: int, iou_type: str) -> dict[str, float]:
@@ -311,159 +282,3 @@ def _missing_as_nan(value: float) -> float:
     return math.nan if value < 0 else value  # COCOeval reports -1 when there is nothing to score
 
 
-class LesionSegmentationEvaluationHandler(EpochAccumulator):
-    """Score an evaluation run with COCO box/mask AP and the ISIC per-image lesion scores.
-
-    Attach to the evaluator whose postprocessing puts, per image, the instance predictions under
-    ``masks_key`` (K, 1, H, W) probabilities, ``boxes_key`` (K, 4) xyxy, ``scores_key`` and
-    ``pred_labels_key``, and the final binary lesion mask under ``lesion_mask_key`` (1, H, W); the
-    references ``instances_key`` (N, H, W) and ``labels_key`` (N,) come from the output or the batch.
-    Each iteration's masks are encoded as RLEs at once, so memory grows with the lesions, not the
-    pixels. At the end of the epoch ``bbox_AP``, ``bbox_AP50``, ``bbox_AP75``, ``segm_AP``,
-    ``segm_AP50``, ``segm_AP75``, ``jaccard``, ``dice`` and ``thresholded_jaccard`` go into
-    ``engine.state.metrics``, a summary is logged, and with ``output_dir`` ``metrics_file`` (JSON) and
-    ``per_image_file`` (CSV) are written atomically. Under DDP every rank's images are gathered (an
-    image met twice, as DistributedSampler pads, counts once) and rank 0 writes.
-
-    Args:
-        category_names: names of categories 1, 2, ...
-        output_dir: folder of the written files; ``None`` writes nothing.
-        mask_threshold: predicted mask probabilities above it are in the instance mask.
-        jaccard_threshold: Jaccard below which an image's ``thresholded_jaccard`` is 0 (ISIC: 0.65).
-        masks_key, boxes_key, scores_key, pred_labels_key: keys of the instance predictions.
-        lesion_mask_key: key of the post-processed binary lesion mask.
-        instances_key, labels_key: keys of the reference instance masks and their labels.
-        name_key: key of the image name; without it the ``filename_or_obj`` of ``image_key``'s
-            metadata, else the position on the rank.
-        image_key: key of the image MetaTensor.
-        metrics_file, per_image_file: names of the written files.
-        logger_name: logger receiving the summary.
-    """
-
-    def __init__(
-        self,
-        category_names: Sequence[str] = ("lesion",),
-        output_dir: str | os.PathLike | None = None,
-        mask_threshold: float = 0.5,
-        jaccard_threshold: float = ISIC_JACCARD_THRESHOLD,
-        masks_key: str = "pred_masks",
-        boxes_key: str = "pred_boxes",
-        scores_key: str = "pred_scores",
-        pred_labels_key: str = "pred_labels",
-        lesion_mask_key: str = "lesion_mask",
-        instances_key: str = "instances",
-        labels_key: str = "labels",
-        name_key: str = "name",
-        image_key: str = "image",
-        metrics_file: str = "lesion_metrics.json",
-        per_image_file: str = "per_image.csv",
-        logger_name: str = __name__,
-    ) -> None:
-        self.category_names = list(category_names)
-        self.output_dir = None if output_dir is None else Path(output_dir)
-        self.mask_threshold = mask_threshold
-        self.jaccard_threshold = jaccard_threshold
-        self.masks_key, self.boxes_key, self.scores_key = masks_key, boxes_key, scores_key
-        self.pred_labels_key, self.lesion_mask_key = pred_labels_key, lesion_mask_key
-        self.instances_key, self.labels_key = instances_key, labels_key
-        self.name_key, self.image_key = name_key, image_key
-        self.metrics_file, self.per_image_file = metrics_file, per_image_file
-        self.logger = logging.getLogger(logger_name)
-        self._records: list[dict[str, Any]] = []
-
-    def reset(self, engine: Engine | None = None) -> None:
-        self._records = []
-
-    def update(self, engine: Engine) -> None:
-        """Encode the predictions and references of every image of the iteration."""
-        keys = (
-            self.masks_key, self.boxes_key, self.scores_key, self.pred_labels_key,
-            self.lesion_mask_key, self.instances_key, self.labels_key,
-        )
-        for sample in iteration_samples(engine):
-            missing = [key for key in keys if key not in sample]
-            if missing:
-                raise KeyError(
-                    f"LesionSegmentationEvaluationHandler: no {missing} in the engine output or batch; "
-                    f"found {sorted(sample)}"
-                )
-            name = self._name(sample)
-            n_categories = len(self.category_names)
-            references = sample[self.instances_key]
-            record = _encode_reference(name, references, sample[self.labels_key], n_categories)
-            detections = {
-                "masks": sample[self.masks_key],
-                "boxes": sample[self.boxes_key],
-                "scores": sample[self.scores_key],
-                "labels": sample[self.pred_labels_key],
-            }
-            record["detections"] = _encode_detections(
-                name, detections, record["size"], n_categories, self.mask_threshold
-            )
-            record["counts"] = _overlap_counts(sample[self.lesion_mask_key], references, name)
-            self._records.append(record)
-
-    def _name(self, sample: Mapping[str, Any]) -> str:
-        return sample_name(sample, self.name_key, self.image_key) or f"rank{idist.get_rank()}_image{len(self._records)}"
-
-    def complete(self, engine: Engine) -> None:
-        """Gather all ranks' images, evaluate, publish, log and write the figures."""
-        images = list(gather_by_name(self._records, lambda record: record["name"]).values())
-        if not images:
-            raise RuntimeError("LesionSegmentationEvaluationHandler: the epoch produced no images to score.")
-        results = _evaluate(images, self.category_names)
-        counts = np.array([record["counts"] for record in images], np.int64)
-        per_image = overlap_scores(*counts.T, threshold=self.jaccard_threshold)
-        for field in _PER_IMAGE_FIELDS:
-            results[field] = float(per_image[field].mean())
-        results["jaccard_threshold"] = self.jaccard_threshold
-
-        for key in (*_COCO_KEYS, *_PER_IMAGE_FIELDS):
-            engine.state.metrics[key] = results[key]
-        self.logger.info(
-            "lesion segmentation over %d images: jaccard %.4f, dice %.4f, thresholded jaccard %.4f, "
-            "bbox AP %.4f, segm AP %.4f, segm AP50 %.4f\n%s",
-            len(images), results["jaccard"], results["dice"], results["thresholded_jaccard"],
-            results["bbox_AP"], results["segm_AP"], results["segm_AP50"], results["summary"],
-        )
-        if self.output_dir is not None and idist.get_rank() == 0:
-            text = json.dumps(_nan_to_none(results), indent=2) + "\n"
-            atomic_write(self.output_dir / self.metrics_file, lambda f: f.write(text.encode("utf-8")))
-            table = _per_image_table(images, counts, per_image)
-            atomic_write(self.output_dir / self.per_image_file, lambda f: f.write(table.encode("utf-8")))
-
-
-def _per_image_table(images: list[dict[str, Any]], counts: np.ndarray, scores: dict[str, np.ndarray]) -> str:
-    """CSV text: one row per image with its scores, pixel counts and lesion counts."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(
-        ["name", *_PER_IMAGE_FIELDS, "predicted_pixels", "reference_pixels", "n_detections", "n_references"]
-    )
-    for i, record in enumerate(images):
-        writer.writerow(
-            [
-                record["name"],
-                *(f"{scores[field][i]:.6f}" for field in _PER_IMAGE_FIELDS),
-                int(counts[i, 1]),
-                int(counts[i, 2]),
-                len(record["detections"]),
-                len(record["references"]),
-            ]
-        )
-    return text.getvalue()
-
-
-def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def _nan_to_none(value: Any) -> Any:
-    """Strict JSON has no NaN: a figure without references is written as ``null``."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    return value

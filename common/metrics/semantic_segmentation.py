@@ -43,6 +43,7 @@ from scipy import ndimage
 from common.data.histopathology import read_mask
 from common.errors import InputDataError
 from common.io.atomic import atomic_write
+from common.utils import nan_to_none
 
 __all__ = [
     "IGNORED_PREDICTION_MODES",
@@ -52,7 +53,6 @@ __all__ = [
     "evaluate_mask_pairs",
     "pair_masks_by_stem",
     "format_segmentation_report",
-    "nan_to_none",
     "main",
 ]
 
@@ -306,17 +306,6 @@ def _class_map(value: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
 def _nanmean(values: np.ndarray) -> float:
     values = values[~np.isnan(values)]
     return float(values.mean()) if values.size else math.nan
-
-
-def nan_to_none(value: Any) -> Any:
-    """Strict JSON has no NaN: a score without pixels is written as ``null``."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [nan_to_none(v) for v in value]
-    return value
 
 
 def format_segmentation_report(report: dict[str, Any]) -> str:

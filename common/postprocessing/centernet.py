@@ -1,4 +1,4 @@
-"""From CenterNet output maps to detected centres: peak decoding, point NMS and flip test-time augmentation.
+"""From CenterNet output maps to detected centres: peak decoding and point NMS.
 
 Decoding inverts :func:`common.transforms.centernet.centernet_target`: a centre at ``c`` pixels is
 trained as cell ``floor(c / s)`` plus offset ``c / s - floor(c / s)``, so ``(cell + offset) * s`` gives
@@ -7,19 +7,18 @@ back ``c`` in the same continuous pixel coordinates as the training boxes, with 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 from scipy.spatial import cKDTree
 
-__all__ = ["decode_centres", "suppress_close_points", "flip_average", "FlipAverageInferer", "DecodeCentresd"]
+__all__ = ["decode_centres", "suppress_close_points", "DecodeCentresd"]
 
 
 def decode_centres(
@@ -96,42 +95,6 @@ def suppress_close_points(
             keep.append(index)
             suppressed[neighbours.get(index, [])] = True
     return torch.as_tensor(keep, dtype=torch.long)
-
-
-def flip_average(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor) -> torch.Tensor:
-    """CenterNet output of ``image`` (B, C, H, W) averaged with that of its horizontal mirror image.
-
-    The mirrored pass is flipped back along the width. A centre at ``x / s = j + o`` in the original
-    sits at ``(w - 1 - j) + (1 - o)`` in the mirror (``w`` = map width), so after flipping back the
-    mirrored offset x becomes ``1 - offset_x``; offset y is unchanged. The heatmaps are averaged as
-    probabilities, as in CenterNet, and returned as logits so the result is a drop-in network output.
-    """
-    output = network(image)
-    mirrored = torch.flip(network(torch.flip(image, dims=(-1,))), dims=(-1,))
-    heatmap = (torch.sigmoid(output[:, :1]) + torch.sigmoid(mirrored[:, :1])) / 2
-    offset_x = (output[:, 1:2] + 1 - mirrored[:, 1:2]) / 2
-    offset_y = (output[:, 2:3] + mirrored[:, 2:3]) / 2
-    return torch.cat([torch.logit(heatmap, eps=1e-6), offset_x, offset_y], dim=1)
-
-
-class FlipAverageInferer(Inferer):
-    """MONAI inferer running :func:`flip_average`, optionally through another inferer.
-
-    ``FlipAverageInferer(SlidingWindowInferer(...))`` mirrors each whole image, runs the sliding
-    window on both and averages, so the evaluator's ``inferer`` is the only config entry that changes.
-
-    Args:
-        inferer: the inferer to run on the image and its mirror; ``None`` calls the network directly.
-    """
-
-    def __init__(self, inferer: Inferer | None = None) -> None:
-        super().__init__()
-        self.inferer = inferer
-
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.inferer is None:
-            return flip_average(lambda x: network(x, *args, **kwargs), inputs)
-        return flip_average(lambda x: self.inferer(x, network, *args, **kwargs), inputs)
 
 
 class DecodeCentresd(MapTransform):

@@ -25,8 +25,8 @@ from scipy import ndimage
 from skimage.morphology import disk
 
 from common.io.atomic import atomic_write
-from common.io.instance_outputs import source_stem
-from common.io.visualise_detections import display_rgb
+from common.writers.detection_overlays import display_rgb
+from common.writers.instances import source_stem
 
 __all__ = [
     "SELECTION_MODES",

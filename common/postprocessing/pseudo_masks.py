@@ -307,7 +307,7 @@ class CAMToPseudoMaskd(MapTransform):
 
     Args:
         keys: the key of the (C, H, W) CAMs (an evaluator's ``pred`` when its inferer is
-            :class:`common.engines.pseudo_masks.CAMInferer`).
+            :class:`common.inferers.cam.CAMInferer`).
         label_key: key of the (C,) image-level label.
         image_key: key of the RGB image in 0..255 for the tissue mask; ``None`` does without it. When
             the network's input is intensity-normalised, keep a copy of the loaded image (e.g.

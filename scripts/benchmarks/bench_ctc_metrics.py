@@ -14,9 +14,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
-
 from benchmark_utils import median_seconds, save_report
+from scipy import ndimage as ndi
 
 from common.data.synthetic.cells import voronoi_labels
 from common.metrics.ctc import ctc_scores

@@ -11,7 +11,7 @@ import pytest
 
 from common.data.cytology import BETHESDA_CLASSES
 from common.data.synthetic.smears import generate_smear_dataset
-from common.io.detections import DETECTION_COLUMNS
+from common.writers.detections import DETECTION_COLUMNS
 from tests.helpers import REPO_ROOT, bundle_command, run_command
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data.mask_to_coco import split_and_write
 from common.data.dermoscopy import read_isic_folder
+from common.data.mask_to_coco import split_and_write
 from common.data.synthetic.dermoscopy import generate_dermoscopy_dataset
 from tests.helpers import REPO_ROOT, bundle_command, run_command
 

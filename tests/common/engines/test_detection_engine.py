@@ -9,8 +9,8 @@ from monai.transforms import Lambdad
 from torch.utils.data import DataLoader
 
 from common.engines.detection import DetectionInferenceStep, DetectionTrainingStep, detection_collate
-from common.engines.samples import iteration_samples
 from common.errors import InputDataError
+from common.handlers.samples import iteration_samples
 from common.networks.vitdet import vit_mask_rcnn
 
 SIZE = 64

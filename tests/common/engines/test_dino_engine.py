@@ -9,9 +9,9 @@ from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.handlers import from_engine
 
-from common.engines import backbone as backbone_engine
-from common.engines.backbone import SaveBackboneHandler
 from common.engines.dino import DINOIterationUpdate, cosine_momentum
+from common.handlers import backbone as backbone_engine
+from common.handlers.backbone import SaveBackboneHandler
 from common.losses.dino import DINOLoss
 from common.networks.dino import DINOHead, DINOModel, make_teacher
 from common.networks.timm_backbone import create_vit_backbone

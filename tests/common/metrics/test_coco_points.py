@@ -8,7 +8,8 @@ import torch
 from ignite.engine import Engine
 from pycocotools import mask as mask_utils
 
-from common.metrics.coco_points import CocoPointsEvaluationHandler, evaluate_point_detections, fixed_box_iou
+from common.handlers.point_detection import CocoPointsEvaluationHandler
+from common.metrics.coco_points import evaluate_point_detections, fixed_box_iou
 
 NAMES = ["NILM", "ENDO", "INFL", "ASCUS", "LSIL", "HSIL", "ASCH", "SCC"]
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -98,7 +99,7 @@ def test_crowded_images_warn_about_max_detections(caplog):
     points = [[60.0 * i, 0.0] for i in range(12)]
     ground_truth = [{"name": "x", "points": points, "labels": [0] * 12}]
     predictions = [{"name": "x", "points": points, "labels": [0] * 12, "scores": [0.5] * 12}]
-    with caplog.at_level(logging.WARNING, logger="common.metrics.coco_points"):
+    with caplog.at_level(logging.WARNING, logger="common.handlers.point_detection"):
         capped = evaluate_point_detections(ground_truth, predictions, NAMES, max_detections=10)
     assert capped["agnostic_mAP"] == pytest.approx(10 / 12, abs=0.01)
     assert "raise max_detections" in caplog.text
@@ -139,7 +140,7 @@ def test_handler_on_an_engine(tmp_path, caplog):
 
     engine = Engine(step)
     CocoPointsEvaluationHandler(NAMES, output_dir=tmp_path).attach(engine)
-    with caplog.at_level(logging.INFO, logger="common.metrics.coco_points"):
+    with caplog.at_level(logging.INFO, logger="common.handlers.point_detection"):
         engine.run(iterations, max_epochs=1)
 
     metrics = engine.state.metrics

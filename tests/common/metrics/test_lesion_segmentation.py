@@ -9,8 +9,8 @@ import torch
 from ignite.engine import Engine
 
 from common.errors import InputDataError
+from common.handlers.lesion_segmentation import LesionSegmentationEvaluationHandler
 from common.metrics.lesion_segmentation import (
-    LesionSegmentationEvaluationHandler,
     coco_instance_metrics,
     lesion_overlap_scores,
     overlap_scores,
@@ -159,7 +159,7 @@ def test_handler_on_an_engine(tmp_path, caplog):
 
     engine = Engine(step)
     LesionSegmentationEvaluationHandler(output_dir=tmp_path).attach(engine)
-    with caplog.at_level(logging.INFO, logger="common.metrics.lesion_segmentation"):
+    with caplog.at_level(logging.INFO, logger="common.handlers.lesion_segmentation"):
         engine.run(iterations, max_epochs=1)
 
     metrics = engine.state.metrics

@@ -1,6 +1,6 @@
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from common.errors import InputDataError

@@ -5,7 +5,13 @@ import pytest
 from PIL import Image
 
 from common.data.cytology import BETHESDA_CLASSES, class_counts, read_split
-from common.data.synthetic.smears import CLASS_PRIOR, MIN_PER_CLASS, generate_smear_dataset, main, synthesize_smear
+from common.data.synthetic.smears import (
+    CLASS_PRIOR,
+    MIN_PER_CLASS,
+    generate_smear_dataset,
+    main,
+    synthesize_smear,
+)
 from common.errors import InputDataError
 
 SINGLE_CELLS = ("NILM", "ASCUS", "LSIL", "HSIL", "ASCH", "SCC")

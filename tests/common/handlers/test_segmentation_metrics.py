@@ -10,7 +10,7 @@ from ignite.engine import Engine
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
 
-from common.engines.segmentation_metrics import SegmentationMetricsHandler
+from common.handlers.segmentation_metrics import SegmentationMetricsHandler
 
 NAMES = ["tumour", "stroma"]  # background (2) is appended
 TARGET = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 255], [2, 2, 2, 2]])
@@ -41,7 +41,7 @@ def test_metrics_and_report_files(tmp_path, caplog):
         [_sample("/data/a.png", _logits(PRED), TARGET)],  # logits: argmax over channels
         [_sample("/data/b.png", TARGET[None], TARGET)],  # a (1, H, W) class map, a perfect prediction
     ]
-    with caplog.at_level(logging.INFO, logger="common.engines.segmentation_metrics"):
+    with caplog.at_level(logging.INFO, logger="common.handlers.segmentation_metrics"):
         engine = _run(handler, batches)
 
     # pooled over both images: reference 8/8/14 pixels, intersections 7/8/13

@@ -10,7 +10,12 @@ from PIL import Image
 
 from common.data.cytology import read_cell_csv
 from common.errors import InputDataError
-from common.io.detections import DETECTION_COLUMNS, DetectionCSVWriter, WriteDetectionsd, read_detections_csv
+from common.writers.detections import (
+    DETECTION_COLUMNS,
+    DetectionCSVWriter,
+    WriteDetectionsd,
+    read_detections_csv,
+)
 
 POINTS = np.array([[10.0, 20.5], [33.25, 4.0]])
 SCORES = np.array([0.9, 0.12345])

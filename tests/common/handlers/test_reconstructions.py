@@ -4,7 +4,7 @@ import torch
 from ignite.engine import Engine
 from PIL import Image
 
-from common.engines.mae import SaveReconstructionImages, reconstruction_grid
+from common.handlers.reconstructions import SaveReconstructionImages, reconstruction_grid
 from common.networks.mae import MaskedAutoencoderViT
 
 TINY = {"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2}

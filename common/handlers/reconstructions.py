@@ -17,9 +17,9 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image
 
-from common.engines.checkpoint import unwrap_module
 from common.io.atomic import atomic_write
 from common.networks.mae import MaskedAutoencoderViT, random_masking
+from common.utils import unwrap_module
 
 __all__ = ["SaveReconstructionImages", "reconstruction_grid"]
 

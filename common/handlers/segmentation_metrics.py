@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from csv import writer as csv_writer
@@ -22,14 +21,14 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 
-from common.engines.samples import EpochAccumulator, gather_by_name, iteration_samples, sample_name
+from common.handlers.samples import EpochAccumulator, gather_by_name, iteration_samples, sample_name
 from common.io.atomic import atomic_write
 from common.metrics.semantic_segmentation import (
     SegmentationConfusion,
     SegmentationCounts,
     format_segmentation_report,
-    nan_to_none,
 )
+from common.utils import nan_to_none
 
 __all__ = ["SegmentationMetricsHandler", "SUMMARY_METRICS"]
 
@@ -141,7 +140,7 @@ class SegmentationMetricsHandler(EpochAccumulator):
         writer.writerow(("class", "index", *_CSV_COLUMNS))
         for name, scores in report["per_class"].items():
             values = (scores[column] for column in _CSV_COLUMNS)
-            writer.writerow([name, scores["index"], *("" if _is_nan(v) else v for v in values)])
+            writer.writerow([name, scores["index"], *nan_to_none(list(values))])
         data = table.getvalue().encode("utf-8")
         atomic_write(self.output_dir / f"{self.report_name}_per_class.csv", lambda f: f.write(data))
 
@@ -154,5 +153,3 @@ def _class_map(value: Any) -> np.ndarray:
     return value.detach().cpu().numpy()
 
 
-def _is_nan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)

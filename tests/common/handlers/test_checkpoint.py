@@ -3,8 +3,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 
-from common.engines.checkpoint import BestModelSaver, ModelWeightsLoader, TrainingCheckpoint
 from common.errors import InputDataError
+from common.handlers.checkpoint import BestModelSaver, ModelWeightsLoader, TrainingCheckpoint
 from common.io.checkpoint import load_checkpoint, save_checkpoint
 
 

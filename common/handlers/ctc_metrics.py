@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping
 from csv import writer as csv_writer
@@ -22,9 +21,10 @@ from typing import Any
 import ignite.distributed as idist
 from ignite.engine import Engine
 
-from common.engines.samples import EpochAccumulator, gather_by_name, iteration_samples, sample_name
+from common.handlers.samples import EpochAccumulator, gather_by_name, iteration_samples, sample_name
 from common.io.atomic import atomic_write
 from common.metrics.ctc import CTCScores, aggregate_ctc, ctc_scores
+from common.utils import nan_to_none
 
 __all__ = ["CTCMetricsHandler"]
 
@@ -130,24 +130,14 @@ class CTCMetricsHandler(EpochAccumulator):
             "overall": overall.as_dict(),
             "per_image": [{"image": name, **scores.as_dict()} for name, scores in records],
         }
-        text = json.dumps(_nan_to_none(summary), indent=2) + "\n"
+        text = json.dumps(nan_to_none(summary), indent=2) + "\n"
         atomic_write(self.output_dir / self.summary_file, lambda f: f.write(text.encode("utf-8")))
 
         table = io.StringIO()
         writer = csv_writer(table, lineterminator="\n")
         writer.writerow(("image",) + _SCORE_FIELDS)
         for name, scores in records:
-            writer.writerow([name, *_nan_to_none(scores.as_dict()).values()])
+            writer.writerow([name, *nan_to_none(scores.as_dict()).values()])
         atomic_write(self.output_dir / self.details_file, lambda f: f.write(table.getvalue().encode("utf-8")))
 
-
-def _nan_to_none(value: Any) -> Any:
-    """NaN (the scores of an image without reference objects) as ``None``: strict JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return value
 

@@ -10,7 +10,7 @@ from monai.transforms import Compose
 from PIL import Image
 
 from common.io.atomic import atomic_write
-from common.io.instance_outputs import (
+from common.writers.instances import (
     CELL_TABLE_COLUMNS,
     SaveInstanceOutputsd,
     write_cell_table,

@@ -10,7 +10,7 @@ from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.transforms import Compose
 
-from common.engines.ctc_metrics import CTCMetricsHandler
+from common.handlers.ctc_metrics import CTCMetricsHandler
 from common.postprocessing.watershed import DistanceMapWatershedd
 
 
@@ -51,7 +51,7 @@ def _run(handler: CTCMetricsHandler, epochs: int = 1) -> Engine:
 
 def test_metrics_files_and_log(tmp_path, caplog):
     handler = CTCMetricsHandler(output_dir=tmp_path)
-    with caplog.at_level(logging.INFO, logger="common.engines.ctc_metrics"):
+    with caplog.at_level(logging.INFO, logger="common.handlers.ctc_metrics"):
         engine = _run(handler)
 
     seg = (2 + 1 + 2 * 100 / 280 + 1) / 7  # Jaccard sum over the 7 reference cells

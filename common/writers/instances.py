@@ -13,7 +13,7 @@ import os
 from collections.abc import Hashable, Mapping
 from csv import writer as csv_writer
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import tifffile

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from common.engines.samples import iteration_samples
+from common.handlers.samples import iteration_samples
 
 __all__ = ["OutputCollector"]
 

@@ -1,7 +1,7 @@
 import torch
 from ignite.engine import Engine
 
-from common.engines.samples import gather_by_name, iteration_samples
+from common.handlers.samples import gather_by_name, iteration_samples
 
 
 def _engine(output, batch):
@@ -26,7 +26,7 @@ def test_batched_dicts_are_decollated():
 def test_sample_name_prefers_the_name_then_the_image_file():
     from monai.data import MetaTensor
 
-    from common.engines.samples import sample_name
+    from common.handlers.samples import sample_name
 
     image = MetaTensor(torch.zeros(1, 2, 2), meta={"filename_or_obj": "/data/a.png"})
     assert sample_name({"name": "b.png", "image": image}) == "b.png"

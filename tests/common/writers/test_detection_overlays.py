@@ -4,14 +4,14 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
-from common.io.detections import DetectionCSVWriter
-from common.io.visualise_detections import (
+from common.writers.detection_overlays import (
     SaveDetectionOverlayd,
     class_colours,
     display_rgb,
     draw_detections,
     main,
 )
+from common.writers.detections import DetectionCSVWriter
 
 GREY = 128
 COLOURS = class_colours(8)

@@ -3,8 +3,8 @@ import torch
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 
-from common.engines.guards import NonFiniteLossGuard
 from common.errors import InputDataError
+from common.handlers.guards import NonFiniteLossGuard
 
 
 def test_nan_loss_names_the_batch_files():

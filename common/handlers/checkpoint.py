@@ -21,17 +21,11 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from common.io.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
+from common.utils import unwrap_module
 
-__all__ = ["TrainingCheckpoint", "BestModelSaver", "ModelWeightsLoader", "unwrap_module"]
+__all__ = ["TrainingCheckpoint", "BestModelSaver", "ModelWeightsLoader"]
 
 logger = logging.getLogger(__name__)
-
-
-def unwrap_module(obj: Any) -> Any:
-    """The module inside DataParallel/DistributedDataParallel, so saved keys carry no ``module.`` prefix."""
-    if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-        return obj.module
-    return obj
 
 
 def _state_dicts(objects: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import ignite.distributed as idist
-
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor, decollate_batch
 

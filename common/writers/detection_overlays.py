@@ -3,11 +3,11 @@
 Each box is outlined in its class's colour and labelled with the class name and, for predictions, the
 confidence. The first eight colours are the Okabe-Ito palette, told apart by colour-blind readers too.
 
-Command line (ground truth, or a detections CSV written by :class:`common.io.detections.DetectionCSVWriter`)::
+Command line (ground truth, or a detections CSV written by :class:`common.writers.detections.DetectionCSVWriter`)::
 
-    python -m common.io.visualise_detections --images data/cytology/val/images \\
+    python -m common.writers.detection_overlays --images data/cytology/val/images \\
         --csv data/cytology/val/annotations.csv --ground-truth --output reports/val_overlays
-    python -m common.io.visualise_detections --images data/cytology/val/images \\
+    python -m common.writers.detection_overlays --images data/cytology/val/images \\
         --csv outputs/detections_20250101-120000.csv --output reports/val_predictions
 
 Each image gets ``<stem>_overlay.png`` in ``--output``.
@@ -34,7 +34,7 @@ from common.data.cytology import BETHESDA_CLASSES, read_cell_csv
 from common.data.datalist import image_datalist
 from common.errors import InputDataError
 from common.io.atomic import atomic_write
-from common.io.detections import read_detections_csv, source_name
+from common.writers.detections import read_detections_csv, source_name
 
 __all__ = ["class_colours", "display_rgb", "draw_detections", "save_overlay", "SaveDetectionOverlayd", "main"]
 
@@ -232,7 +232,7 @@ def _overlays(
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point: draw a CSV of annotations or detections on its images."""
     parser = argparse.ArgumentParser(
-        prog="python -m common.io.visualise_detections", description=__doc__.split("\n")[0]
+        prog="python -m common.writers.detection_overlays", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--images", required=True, help="folder of the images named in the CSV")
     parser.add_argument("--csv", required=True, help="annotation CSV, or detections CSV with a conf column")

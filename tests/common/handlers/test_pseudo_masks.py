@@ -11,8 +11,9 @@ from PIL import Image
 from torch import nn
 
 from common.data.histopathology import read_mask, read_patch_manifest
-from common.engines.pseudo_masks import CAMInferer, ClassPrototypeBuilder, PseudoMaskWriter, assign_split
 from common.errors import InputDataError
+from common.handlers.pseudo_masks import ClassPrototypeBuilder, PseudoMaskWriter, assign_split
+from common.inferers.cam import CAMInferer
 from common.io.checkpoint import load_checkpoint, save_checkpoint
 from common.networks.cam_classifier import CAMClassifier, PrototypeCAMClassifier, build_class_prototypes
 from common.postprocessing.pseudo_masks import CAMToPseudoMaskd
@@ -184,14 +185,6 @@ def test_split_is_stable_seeded_and_close_to_the_fraction():
     assert {assign_split(name, 1.0) for name in names} == {"val"}
     with pytest.raises(ValueError, match="val_fraction must lie in 0..1"):
         PseudoMaskWriter("out", num_classes=4, val_fraction=1.5)
-
-
-def test_cam_inferer_unwraps_parallel_networks_and_needs_cams():
-    network = StubCAMNetwork()
-    cams = CAMInferer(scales=(1.0,))(torch.zeros(2, 3, SIZE, SIZE), nn.DataParallel(network))
-    assert cams.shape == (2, 4, SIZE, SIZE) and network.calls == [{"scales": (1.0,)}]
-    with pytest.raises(TypeError, match=r"needs a network with a cams\(x\) method; Linear has none"):
-        CAMInferer()(torch.zeros(1, 3), nn.Linear(3, 2))
 
 
 def _prototype_batches() -> list[dict]:

@@ -1,6 +1,6 @@
 """Writing a pseudo-mask dataset from an evaluator run over the training patches.
 
-A MONAI ``SupervisedEvaluator`` with :class:`CAMInferer` produces class activation maps as ``pred``;
+A MONAI ``SupervisedEvaluator`` with :class:`common.inferers.cam.CAMInferer` produces class activation maps as ``pred``;
 its postprocessing (:class:`common.postprocessing.pseudo_masks.CAMToPseudoMaskd`) turns them into a
 pseudo-mask and a confidence map; :class:`PseudoMaskWriter` writes both per image and, once every
 image is done, a manifest that stage 2 trains from. The configs then say the whole step, and a
@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,46 +24,19 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
-from monai.inferers import Inferer
 from PIL import Image
-from torch import nn
 
 from common.data.histopathology import IGNORE_INDEX, write_mask
-from common.engines.checkpoint import unwrap_module
-from common.engines.samples import EpochAccumulator, iteration_samples, sample_name
 from common.errors import InputDataError
+from common.handlers.samples import EpochAccumulator, iteration_samples, sample_name
 from common.io.atomic import atomic_write
 from common.io.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
 from common.networks.cam_classifier import CAMClassifier, PrototypeCAMClassifier, build_class_prototypes
+from common.utils import unwrap_module
 
-__all__ = ["CAMInferer", "ClassPrototypeBuilder", "PseudoMaskWriter", "assign_split"]
+__all__ = ["ClassPrototypeBuilder", "PseudoMaskWriter", "assign_split"]
 
 _ORIGIN_KEYS = ("origin", "location")  # ours, then MONAI's WSIReader patch metadata
-
-
-class CAMInferer(Inferer):
-    """Run ``network.cams(inputs, **cams_kwargs)`` instead of ``network(inputs)``.
-
-    A ``SupervisedEvaluator`` with this inferer puts (B, C, H, W) class activation maps under ``pred``.
-    ``cams_kwargs`` are the network's own options, e.g. ``flip=True`` or ``scales=(1.0, 1.5)`` for
-    :class:`common.networks.cam_classifier.CAMClassifier`. A network wrapped in
-    ``DistributedDataParallel`` or ``DataParallel`` is unwrapped, since the wrapper only forwards
-    ``forward``.
-    """
-
-    def __init__(self, **cams_kwargs: Any) -> None:
-        super().__init__()
-        self.cams_kwargs = cams_kwargs
-
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-        model = network.module if isinstance(network, parallel) else network
-        cams = getattr(model, "cams", None)
-        if not callable(cams):
-            raise TypeError(
-                f"CAMInferer needs a network with a cams(x) method; {type(model).__name__} has none"
-            )
-        return cams(inputs, *args, **{**self.cams_kwargs, **kwargs})
 
 
 class ClassPrototypeBuilder:

@@ -1,7 +1,7 @@
 """Detections as a CSV with one row per cell, written image by image so a long run loses nothing.
 
 The columns are those of the annotation CSV plus ``conf``, so a detections file can be opened in a
-spreadsheet, drawn with :mod:`common.io.visualise_detections`, or read back as annotations (pseudo
+spreadsheet, drawn with :mod:`common.writers.detection_overlays`, or read back as annotations (pseudo
 labels) by :func:`common.data.cytology.read_cell_csv`, which ignores the extra column.
 
 A run writes ``detections_YYYYmmdd-HHMMSS.csv.partial``: the header at once, then every image's rows

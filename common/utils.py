@@ -1,0 +1,73 @@
+"""Small helpers that every layer of the collection shares (the bottom layer: imports nothing of ours
+but :mod:`common.errors`).
+
+Tensor to NumPy conversion is MONAI's :func:`monai.utils.convert_to_numpy`; what MONAI does not offer
+lives here, once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from common.errors import InputDataError
+
+__all__ = ["nan_to_none", "source_file", "file_stem", "require_dir", "unwrap_module"]
+
+_DOUBLE_SUFFIXES = (".ome", ".nii")  # name.ome.tif, name.nii.gz: the stem drops both suffixes
+
+
+def nan_to_none(value: Any) -> Any:
+    """``value`` with every NaN float (nested in dicts, lists and tuples) replaced by ``None``.
+
+    Strict JSON has no NaN, and a score without references (an image without cells, a class without
+    samples) is NaN: it is written as ``null``. NumPy floats are converted to Python floats.
+    """
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, Mapping):
+        return {key: nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nan_to_none(item) for item in value]
+    return value
+
+
+def source_file(value: Any) -> str | None:
+    """The file a sample was loaded from: a path given as such, or the ``filename_or_obj`` of a
+    ``MetaTensor``'s metadata (a batch's first entry when collated); ``None`` when nothing records it."""
+    if isinstance(value, MetaTensor):
+        value = value.meta.get("filename_or_obj")
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+    if isinstance(value, (str, os.PathLike)) and os.fspath(value):
+        return os.fspath(value)
+    return None
+
+
+def file_stem(path: str | os.PathLike) -> str:
+    """A file's name without its extension, double ones (``.ome.tif``, ``.nii.gz``) included."""
+    stem = Path(Path(path).stem)
+    return stem.stem if stem.suffix.lower() in _DOUBLE_SUFFIXES else stem.name
+
+
+def require_dir(path: str | os.PathLike, what: str = "folder") -> Path:
+    """``path`` as a ``Path``, or an :class:`InputDataError` saying that ``what`` was not found."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputDataError(path, f"{what} not found")
+    return path
+
+
+def unwrap_module(module: Any) -> Any:
+    """The module inside ``DataParallel``/``DistributedDataParallel`` (wrappers forward only ``forward``,
+    and saved keys must not carry their ``module.`` prefix); anything else unchanged."""
+    if isinstance(module, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        return module.module
+    return module
