@@ -16,12 +16,27 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.utils import convert_to_numpy
 
 from common.errors import InputDataError
 
-__all__ = ["nan_to_none", "source_file", "file_stem", "require_dir", "unwrap_module"]
+__all__ = ["as_plane", "nan_to_none", "source_file", "file_stem", "require_dir", "unwrap_module"]
 
 _DOUBLE_SUFFIXES = (".ome", ".nii")  # name.ome.tif, name.nii.gz: the stem drops both suffixes
+
+
+def as_plane(value: Any, name: str = "array", dtype: Any = None) -> np.ndarray:
+    """An (H, W) NumPy array from an (H, W) or channel-first (1, H, W) array or tensor.
+
+    Masks, label and distance maps travel through MONAI transforms with a channel axis of one; the
+    writers and post-processing steps work on the plane. ``name`` says what was wrong in the error.
+    """
+    array = convert_to_numpy(value, dtype=dtype, wrap_sequence=True)
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be (H, W) or (1, H, W), got shape {array.shape}")
+    return array
 
 
 def nan_to_none(value: Any) -> Any:

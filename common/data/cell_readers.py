@@ -39,6 +39,7 @@ from common.data.coco import (
     segmentation_to_rle,
 )
 from common.errors import InputDataError
+from common.utils import require_dir
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -103,12 +104,6 @@ def _require_file(path: str | os.PathLike) -> Path:
         raise InputDataError(path, "file not found")
     return path
 
-
-def _require_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise InputDataError(path, "folder not found")
-    return path
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -315,7 +310,7 @@ def read_livecell(annotation_file: str | os.PathLike, image_dir: str | os.PathLi
             image, a missing image, or an image whose size differs from the JSON's.
     """
     annotation_file = _require_file(annotation_file)
-    image_dir = _require_dir(image_dir)
+    image_dir = require_dir(image_dir)
     coco = load_coco(annotation_file)
     images = coco_records(coco, "images", annotation_file)
     annotations = coco_records(coco, "annotations", annotation_file)
@@ -417,7 +412,7 @@ def read_cellpose_folder(
     Raises:
         InputDataError: no images, an image without its mask, a mask of another size.
     """
-    folder = _require_dir(folder)
+    folder = require_dir(folder)
     images = _files_by_name(folder, IMAGE_SUFFIXES, image_filter)
     masks = _files_by_name(folder, LABEL_SUFFIXES, mask_filter)
     images = {name: path for name, path in images.items() if not path.stem.endswith(mask_filter)}
@@ -438,7 +433,7 @@ def read_image_label_folders(
         InputDataError: no images, an image without its labels, labels of another size, or both
             folders the same with no ``label_suffix`` to tell labels from images.
     """
-    image_dir, label_dir = _require_dir(image_dir), _require_dir(label_dir)
+    image_dir, label_dir = require_dir(image_dir), require_dir(label_dir)
     same_folder = image_dir.resolve() == label_dir.resolve()
     if same_folder and not label_suffix:
         raise InputDataError(

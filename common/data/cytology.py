@@ -27,6 +27,7 @@ from common.data.cell_readers import image_size
 from common.data.coco import coco_field, coco_records, load_coco
 from common.data.datalist import IMAGE_SUFFIXES
 from common.errors import InputDataError
+from common.utils import require_dir
 
 __all__ = [
     "BETHESDA_CLASSES",
@@ -181,12 +182,6 @@ def _datalist(
     return entries
 
 
-def _require_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise InputDataError(path, "image folder not found")
-    return path
-
 
 def read_cell_csv(
     csv_file: str | os.PathLike,
@@ -213,7 +208,7 @@ def read_cell_csv(
             unreadable image, a non-numeric coordinate, a non-positive size, a centre outside the image.
     """
     csv_file = Path(csv_file)
-    image_dir = _require_dir(image_dir)
+    image_dir = require_dir(image_dir, "image folder")
     sizes = _ImageSizes(image_dir)
     cells: dict[str, list[tuple[float, float, float, float, int]]] = {}
     for line, row in read_csv_rows(csv_file, ANNOTATION_COLUMNS):
@@ -252,7 +247,7 @@ def read_coco_cells(
             or a box centre outside its image; each names the annotation id.
     """
     path = Path(annotation_file)
-    image_dir = _require_dir(image_dir)
+    image_dir = require_dir(image_dir, "image folder")
     coco = load_coco(path)
     images, annotations, categories = (
         coco_records(coco, key, path) for key in ("images", "annotations", "categories")

@@ -21,6 +21,7 @@ from PIL import Image
 
 from common.data.cell_readers import IMAGE_SUFFIXES, LABEL_SUFFIXES, image_size
 from common.errors import InputDataError
+from common.utils import require_dir
 
 __all__ = [
     "ISIC_MASK_SUFFIX",
@@ -35,12 +36,6 @@ _ISIC_IMAGE = re.compile(r"ISIC_\d+")
 _BINARY_VALUE_SETS = ({0, 1}, {0, 255})
 _MAX_LISTED_VALUES = 8
 
-
-def _require_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise InputDataError(path, "folder not found")
-    return path
 
 
 def _visible_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -112,8 +107,8 @@ def read_isic_folder(
         InputDataError: no ISIC images, an image without its mask, a mask of another size, or an
             unreadable image header.
     """
-    image_dir = _require_dir(image_dir)
-    mask_dir = image_dir if mask_dir is None else _require_dir(mask_dir)
+    image_dir = require_dir(image_dir)
+    mask_dir = image_dir if mask_dir is None else require_dir(mask_dir)
     images = [p for p in _visible_files(image_dir, IMAGE_SUFFIXES) if _ISIC_IMAGE.fullmatch(p.stem)]
     if not images:
         raise InputDataError(image_dir, "no ISIC images (ISIC_<digits>.jpg/.png) found")
@@ -134,7 +129,7 @@ def read_image_mask_folders(
         InputDataError: no images, both folders the same with no ``mask_suffix``, an image without its
             mask, a mask of another size, or an unreadable image header.
     """
-    image_dir, mask_dir = _require_dir(image_dir), _require_dir(mask_dir)
+    image_dir, mask_dir = require_dir(image_dir), require_dir(mask_dir)
     same_folder = image_dir.resolve() == mask_dir.resolve()
     if same_folder and not mask_suffix:
         raise InputDataError(
@@ -162,7 +157,7 @@ def read_unlabelled_images(root: str | os.PathLike) -> list[dict[str, str]]:
     Raises:
         InputDataError: ``root`` missing or holding no images, or an unreadable image header.
     """
-    root = _require_dir(root)
+    root = require_dir(root)
     paths = sorted(
         p
         for p in root.rglob("*")

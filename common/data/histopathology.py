@@ -40,6 +40,7 @@ from PIL import Image
 from common.data.cell_readers import IMAGE_SUFFIXES, LABEL_SUFFIXES, image_size
 from common.errors import InputDataError
 from common.io.atomic import atomic_write
+from common.utils import require_dir
 
 __all__ = [
     "DEFAULT_CLASS_NAMES",
@@ -144,12 +145,6 @@ def parse_label_vector(path: str | os.PathLike, num_classes: int) -> np.ndarray:
     return np.array([int(e) for e in entries], dtype=np.int64)
 
 
-def _require_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise InputDataError(path, "folder not found")
-    return path
-
 
 def _is_visible(path: Path, root: Path) -> bool:
     """Hidden files and folders (``.ipynb_checkpoints``, macOS ``._*`` forks) hold no patches."""
@@ -183,7 +178,7 @@ def read_labelled_patch_folder(
             patches with the same name (in different subfolders).
     """
     _check_num_classes(num_classes)
-    folder = _require_dir(folder)
+    folder = require_dir(folder)
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     paths = sorted(
         p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and _is_visible(p, folder)
@@ -371,7 +366,7 @@ def read_segmentation_folder(
             differs from its image's (both named), or a bad mask (see :func:`read_mask`).
     """
     _check_num_classes(num_classes)
-    image_dir, mask_dir = _require_dir(image_dir), _require_dir(mask_dir)
+    image_dir, mask_dir = require_dir(image_dir), require_dir(mask_dir)
     images = sorted(
         p
         for p in image_dir.iterdir()

@@ -42,6 +42,7 @@ from monai.engines.utils import IterationEvents
 from monai.networks.utils import eval_mode
 
 from common.errors import InputDataError
+from common.utils import source_file
 
 __all__ = ["detection_collate", "DetectionTrainingStep", "DetectionInferenceStep"]
 
@@ -72,12 +73,6 @@ def _plain(value: Any) -> torch.Tensor:
     return value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
 
 
-def _source(image: Any) -> str | None:
-    """The file an image was loaded from, for error messages."""
-    meta = image.meta if isinstance(image, MetaTensor) else {}
-    name = meta.get("filename_or_obj")
-    return None if name is None else str(name)
-
 
 def _images(batch: Mapping[str, Any]) -> list[Any]:
     """The batch's images as given, checked to be a list of (C, H, W) tensors."""
@@ -93,7 +88,7 @@ def _images(batch: Mapping[str, Any]) -> list[Any]:
     for i, image in enumerate(images):
         if not torch.is_tensor(image) or image.ndim != 3:
             shape = getattr(image, "shape", type(image))
-            raise InputDataError(_source(image), f"sample {i}: image must be a (C, H, W) tensor, got {shape}")
+            raise InputDataError(source_file(image), f"sample {i}: image must be a (C, H, W) tensor, got {shape}")
     return images
 
 
@@ -102,7 +97,7 @@ def _target(
 ) -> dict[str, torch.Tensor]:
     """Sample ``i``'s torchvision target: float32 xyxy boxes, int64 labels, uint8 masks, all checked."""
     image = batch[IMAGE][i]
-    path = _source(image)
+    path = source_file(image)
     missing = [k for k in (BOXES, LABELS, INSTANCES) if k not in batch]
     if missing:
         raise InputDataError(path, f"training needs {missing} for every image (see the instance transform)")

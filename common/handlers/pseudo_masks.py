@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
+from monai.utils import convert_to_numpy
 from PIL import Image
 
 from common.data.histopathology import IGNORE_INDEX, write_mask
@@ -32,7 +33,7 @@ from common.handlers.samples import EpochAccumulator, iteration_samples, sample_
 from common.io.atomic import atomic_write
 from common.io.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
 from common.networks.cam_classifier import CAMClassifier, PrototypeCAMClassifier, build_class_prototypes
-from common.utils import unwrap_module
+from common.utils import as_plane, source_file, unwrap_module
 
 __all__ = ["ClassPrototypeBuilder", "PseudoMaskWriter", "assign_split"]
 
@@ -208,7 +209,7 @@ class PseudoMaskWriter(EpochAccumulator):
                     f"PseudoMaskWriter: a sample has no file name: load the images with their metadata "
                     f"({self.image_key!r}) or give the name under {self.name_key!r}"
                 )
-            image = os.path.abspath(_source(sample.get(self.image_key)) or name)
+            image = os.path.abspath(source_file(sample.get(self.image_key)) or name)
             stem = Path(name).stem
             if stem in self._entries:
                 _check_same_image(self._entries[stem], image)
@@ -216,8 +217,8 @@ class PseudoMaskWriter(EpochAccumulator):
             self._entries[stem] = self._write(stem, image, sample)
 
     def _write(self, stem: str, image: str, sample: Mapping[str, Any]) -> dict[str, Any]:
-        mask = _plane(sample[self.mask_key], self.mask_key)
-        confidence = _plane(sample[self.confidence_key], self.confidence_key).astype(np.float64)
+        mask = as_plane(sample[self.mask_key], repr(self.mask_key))
+        confidence = as_plane(sample[self.confidence_key], repr(self.confidence_key)).astype(np.float64)
         if confidence.shape != mask.shape:
             raise ValueError(f"{image}: confidence is {confidence.shape} but the mask is {mask.shape}")
         label = np.asarray(_plain(sample[self.label_key])).reshape(-1)
@@ -277,28 +278,13 @@ def _check_same_image(entry: Mapping[str, Any], image: str) -> None:
         )
 
 
-def _source(value: Any) -> str | None:
-    source = value.meta.get("filename_or_obj") if isinstance(value, MetaTensor) else None
-    return os.fspath(source) if isinstance(source, (str, os.PathLike)) and os.fspath(source) else None
 
-
-def _plane(value: Any, key: str) -> np.ndarray:
-    array = np.asarray(_plain_array(value))
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2:
-        raise ValueError(f"{key!r} must be (H, W) or (1, H, W), got shape {array.shape}")
-    return array
-
-
-def _plain_array(value: Any) -> np.ndarray:
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
 def _plain(value: Any) -> Any:
     """A JSON-ready copy of a tensor, array or number (metadata values come collated as tensors)."""
     if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
-        return _plain_array(value).tolist()
+        return convert_to_numpy(value).tolist()
     return value
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor, decollate_batch
+from monai.data import decollate_batch
+
+from common.utils import source_file
 
 __all__ = ["iteration_samples", "sample_name", "gather_by_name", "EpochAccumulator"]
 
@@ -34,14 +35,7 @@ def iteration_samples(engine: Engine) -> list[dict[str, Any]]:
 def sample_name(sample: Mapping[str, Any], name_key: str = "name", image_key: str = "image") -> str | None:
     """The source file of a sample: its ``name_key`` entry, else the ``filename_or_obj`` of the
     MetaTensor under ``image_key``; ``None`` when neither is there (callers then number the sample)."""
-    name = sample.get(name_key)
-    if isinstance(name, (str, os.PathLike)) and os.fspath(name):
-        return os.fspath(name)
-    image = sample.get(image_key)
-    source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
-    if isinstance(source, (str, os.PathLike)) and os.fspath(source):
-        return os.fspath(source)
-    return None
+    return source_file(sample.get(name_key)) or source_file(sample.get(image_key))
 
 
 Record = TypeVar("Record")

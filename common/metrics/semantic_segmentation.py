@@ -43,7 +43,7 @@ from scipy import ndimage
 from common.data.histopathology import read_mask
 from common.errors import InputDataError
 from common.io.atomic import atomic_write
-from common.utils import nan_to_none
+from common.utils import as_plane, nan_to_none
 
 __all__ = [
     "IGNORED_PREDICTION_MODES",
@@ -290,11 +290,7 @@ class SegmentationConfusion:
 
 def _class_map(value: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     """An (H, W) int64 class map from an (H, W) or (1, H, W) array or tensor."""
-    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-    if array.ndim == 3 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be an (H, W) or (1, H, W) class map, got shape {array.shape}")
+    array = as_plane(value, f"{name} class map")
     if array.dtype.kind == "f":
         if not np.array_equal(array, np.round(array)):
             raise ValueError(f"{name} must hold class indices, got fractional values")

@@ -27,6 +27,7 @@ from skimage.measure import label as connected_components
 from skimage.segmentation import relabel_sequential, watershed
 
 from common.errors import InputDataError
+from common.utils import as_plane
 
 __all__ = [
     "check_thresholds",
@@ -57,17 +58,6 @@ def remove_small_instances(labels: np.ndarray, min_size: int) -> np.ndarray:
     return relabel_sequential(labels)[0].astype(np.int32, copy=False)
 
 
-def _single_channel(dist_map: np.ndarray | torch.Tensor) -> np.ndarray:
-    """The map as a float NumPy array without its channel axis."""
-    if isinstance(dist_map, torch.Tensor):
-        dist_map = dist_map.detach().float().cpu().numpy()
-    dist_map = np.asarray(dist_map, dtype=np.float32)
-    if dist_map.ndim == 3 and dist_map.shape[0] == 1:
-        dist_map = dist_map[0]
-    if dist_map.ndim != 2:
-        raise ValueError(f"distance map must have shape (H, W) or (1, H, W), got {dist_map.shape}")
-    return dist_map
-
 
 def distance_map_watershed(
     dist_map: np.ndarray | torch.Tensor, cells_max: float = 0.5, cell_fill: float = 0.05, min_size: int = 0
@@ -84,7 +74,7 @@ def distance_map_watershed(
         int32 labels of shape (H, W): 0 is background, cells are numbered 1..N without gaps.
     """
     check_thresholds(cells_max, cell_fill)
-    dist = _single_channel(dist_map)
+    dist = as_plane(dist_map, "distance map", dtype=np.float32)
     markers = connected_components(dist > cells_max)
     return remove_small_instances(watershed(-dist, markers, mask=dist > cell_fill), min_size)
 

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy
 
 from common.errors import InputDataError
+from common.utils import source_file
 
 __all__ = ["gaussian_radius", "gaussian_kernel", "draw_gaussian", "centernet_target", "CenterNetTargetd", "SwapBoxXYd"]
 
@@ -118,10 +118,6 @@ def centernet_target(
     return target
 
 
-def _source(image: Any) -> str | None:
-    """The file an image was read from, for error messages, if its meta data records it."""
-    return image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
-
 
 class CenterNetTargetd(MapTransform):
     """Write the (4, H/s, W/s) CenterNet target of the image's boxes to ``label_key``; see :func:`centernet_target`.
@@ -164,9 +160,9 @@ class CenterNetTargetd(MapTransform):
         if boxes.size == 0:
             boxes = boxes.reshape(0, 4)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise InputDataError(_source(image), f"boxes must be an (N, 4) x1, y1, x2, y2 array, got shape {boxes.shape}")
+            raise InputDataError(source_file(image), f"boxes must be an (N, 4) x1, y1, x2, y2 array, got shape {boxes.shape}")
         if not np.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
-            raise InputDataError(_source(image), "boxes must be finite with x2 >= x1 and y2 >= y1")
+            raise InputDataError(source_file(image), "boxes must be finite with x2 >= x1 and y2 >= y1")
         target = centernet_target(boxes, tuple(image.shape[-2:]), self.stride, self.min_overlap, self.min_radius)
         d[self.label_key] = torch.from_numpy(target)
         return d

@@ -16,8 +16,6 @@ Each image gets ``<stem>_overlay.png`` in ``--output``.
 from __future__ import annotations
 
 import argparse
-import colorsys
-import io
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -27,16 +25,17 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from monai.utils import convert_to_numpy
 from PIL import Image, ImageDraw, ImageFont
 
 from common.data.cell_readers import read_image
 from common.data.cytology import BETHESDA_CLASSES, read_cell_csv
 from common.data.datalist import image_datalist
 from common.errors import InputDataError
-from common.io.atomic import atomic_write
 from common.writers.detections import read_detections_csv, source_name
+from common.writers.display import display_rgb, golden_ratio_colours, write_png
 
-__all__ = ["class_colours", "display_rgb", "draw_detections", "save_overlay", "SaveDetectionOverlayd", "main"]
+__all__ = ["class_colours", "draw_detections", "SaveDetectionOverlayd", "main"]
 
 # Okabe & Ito (2008), "Color Universal Design": bluish green, sky blue, yellow, orange, reddish purple,
 # vermillion, blue, black; NILM, the commonest class, gets the calmest colour.
@@ -50,50 +49,15 @@ _PALETTE = (
     (0, 114, 178),
     (0, 0, 0),
 )
-_GOLDEN_RATIO_CONJUGATE = 0.618033988749895
 
 
 def class_colours(n_classes: int) -> list[tuple[int, int, int]]:
     """One RGB colour per class: the palette first, then hues a golden-ratio step apart."""
-    extra = [
-        tuple(round(255 * c) for c in colorsys.hsv_to_rgb((k * _GOLDEN_RATIO_CONJUGATE) % 1.0, 0.85, 0.9))
-        for k in range(max(0, n_classes - len(_PALETTE)))
-    ]
+    extra = golden_ratio_colours(max(0, n_classes - len(_PALETTE)), value=0.9).round().astype(int)
+    extra = [tuple(int(c) for c in colour) for colour in extra]
     return [*_PALETTE, *extra][:n_classes]
 
 
-def display_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """An (H, W, 3) uint8 view of an (H, W, 3) or channel-first (3, H, W) / (1, H, W) image.
-
-    Values in [0, 1] are scaled by 255, values in [0, 255] kept; anything else (an ImageNet-normalised
-    tensor) has each channel stretched from its own minimum to maximum.
-    """
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
-        image = np.moveaxis(image, 0, -1)
-    if image.ndim != 3 or image.shape[-1] not in (1, 3):
-        raise ValueError(
-            f"expected an RGB or grey image (H, W, 3), (3, H, W) or (1, H, W), got {image.shape}"
-        )
-    if image.dtype != np.uint8:
-        image = image.astype(np.float64)
-        low, high = image.min(), image.max()
-        if low >= 0 and high <= 1:
-            image = image * 255
-        elif low < 0 or high > 255:
-            low = image.min(axis=(0, 1), keepdims=True)
-            span = image.max(axis=(0, 1), keepdims=True) - low
-            image = np.divide(image - low, span, out=np.zeros_like(image), where=span > 0) * 255
-        image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image)
-
-
-def _numpy(values: np.ndarray | torch.Tensor, dtype: type) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=dtype)
 
 
 def draw_detections(
@@ -124,12 +88,12 @@ def draw_detections(
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    boxes = _numpy(boxes_or_points, np.float64)
+    boxes = convert_to_numpy(boxes_or_points, np.float64, wrap_sequence=True)
     boxes = boxes.reshape(len(boxes), -1) if boxes.size else np.zeros((0, 4))
     if boxes.shape[1] == 2:
         boxes = np.concatenate([boxes - box_size / 2, boxes + box_size / 2], axis=1)
-    labels = _numpy(class_indices, np.int64).reshape(-1)
-    confidences = None if scores is None else _numpy(scores, np.float64).reshape(-1)
+    labels = convert_to_numpy(class_indices, np.int64, wrap_sequence=True).reshape(-1)
+    confidences = None if scores is None else convert_to_numpy(scores, np.float64, wrap_sequence=True).reshape(-1)
     n = len(boxes)
     if boxes.shape[1] != 4 or len(labels) != n or (confidences is not None and len(confidences) != n):
         raise ValueError(
@@ -158,12 +122,6 @@ def draw_detections(
         draw.text((label_x + 2 - left, label_y + 1 - top), text, fill=ink, font=font)
     return np.asarray(canvas)
 
-
-def save_overlay(overlay: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write an (H, W, 3) uint8 overlay as PNG, atomically."""
-    buffer = io.BytesIO()
-    Image.fromarray(overlay).save(buffer, format="PNG")
-    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 class SaveDetectionOverlayd(MapTransform):
@@ -201,7 +159,7 @@ class SaveDetectionOverlayd(MapTransform):
         points, scores, classes = (d[key] for key in self.keys)
         rgb = display_rgb(image)
         overlay = draw_detections(rgb, points, classes, scores, self.class_names, self.box_size)
-        save_overlay(overlay, self.output_dir / f"{stem}_overlay.png")
+        write_png(overlay, self.output_dir / f"{stem}_overlay.png")
         return d
 
 
@@ -251,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         items = _overlays(image_dir, Path(args.csv), args.ground_truth, args.class_names)
         for path, boxes, labels, scores in items:
             overlay = draw_detections(read_image(path), boxes, labels, scores, args.class_names)
-            save_overlay(overlay, output_dir / f"{path.stem}_overlay.png")
+            write_png(overlay, output_dir / f"{path.stem}_overlay.png")
     except InputDataError as err:
         raise SystemExit(f"error: {err}") from err
     print(f"wrote {len(items)} overlays to {output_dir}")

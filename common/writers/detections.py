@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import MapTransform
+from monai.utils import convert_to_numpy
 
 from common.data.cytology import BETHESDA_CLASSES, parse_class, read_csv_rows
 from common.errors import InputDataError
+from common.utils import source_file
 
 __all__ = [
     "DETECTION_COLUMNS",
@@ -46,11 +47,6 @@ logger = logging.getLogger(__name__)
 DETECTION_COLUMNS = ("image_filename", "x", "y", "width", "height", "conf", "class")
 PARTIAL_SUFFIX = ".partial"
 
-
-def _as_numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values)
 
 
 class DetectionCSVWriter:
@@ -124,9 +120,9 @@ class DetectionCSVWriter:
         """
         if self.closed:
             raise ValueError(f"{self.path}: the writer is closed")
-        points = _as_numpy(points).astype(np.float64)
-        scores = _as_numpy(scores).astype(np.float64).reshape(-1)
-        classes = _as_numpy(class_indices).astype(np.int64).reshape(-1)
+        points = convert_to_numpy(points, wrap_sequence=True).astype(np.float64)
+        scores = convert_to_numpy(scores, wrap_sequence=True).astype(np.float64).reshape(-1)
+        classes = convert_to_numpy(class_indices, wrap_sequence=True).astype(np.int64).reshape(-1)
         if points.size == 0:
             points = points.reshape(0, 2)
         if points.ndim != 2 or points.shape[1] != 2 or not len(points) == len(scores) == len(classes):
@@ -213,8 +209,8 @@ def read_detections_csv(
 def source_name(image: Any, image_key: Hashable, image_root: str | os.PathLike | None = None) -> str:
     """The file name an image was loaded from (its ``filename_or_obj``), relative to ``image_root`` when
     given, so that outputs name the image the way the annotation CSV does."""
-    source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
-    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
+    source = source_file(image)
+    if source is None:
         raise ValueError(
             f"'{image_key}' carries no 'filename_or_obj' in its metadata, so its detections cannot be named; "
             "load it with LoadImaged so it is a MetaTensor that knows its source file"

@@ -19,14 +19,14 @@ import numpy as np
 import tifffile
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
-from skimage.color import hsv2rgb
 from skimage.measure import regionprops_table
 from skimage.segmentation import find_boundaries
 
 from common.io.atomic import atomic_write
+from common.utils import as_plane, file_stem, source_file
+from common.writers.display import display_rgb, golden_ratio_colours, write_png
 
 __all__ = [
     "CELL_TABLE_COLUMNS",
@@ -48,18 +48,11 @@ CELL_TABLE_COLUMNS = (
     "bbox_max_x",
 )
 _FILL_OPACITY = 0.3
-_GOLDEN_RATIO_CONJUGATE = 0.618033988749895
 
 
 def _label_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
     """Instance labels as a 2-D int64 array, a leading channel axis of size 1 dropped."""
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    labels = np.asarray(labels)
-    if labels.ndim == 3 and labels.shape[0] == 1:
-        labels = labels[0]
-    if labels.ndim != 2:
-        raise ValueError(f"instance labels must have shape (H, W) or (1, H, W), got {labels.shape}")
+    labels = as_plane(labels, "instance labels")
     if labels.size and labels.min() < 0:
         raise ValueError("instance labels must be non-negative")
     return labels.astype(np.int64, copy=False)
@@ -86,40 +79,6 @@ def write_instance_labels(labels: np.ndarray | torch.Tensor, path: str | os.Path
     raise ValueError(f"{path}: instance labels are written as .tif, .tiff or .png, not {path.suffix!r}")
 
 
-def _display_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """An (H, W, 3) uint8 view of an image of any intensity range, each channel stretched to 0..255.
-
-    Accepts (H, W), channel-first (C, H, W) as MONAI transforms produce, or channel-last (H, W, C), with
-    C from 1 to 4; one channel is shown as gray, two as red and green, a fourth (alpha) is ignored.
-    """
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    image = np.asarray(image, dtype=np.float64)
-    if image.ndim == 2:
-        image = image[..., None]
-    elif image.ndim == 3 and image.shape[0] <= 4 and image.shape[-1] > 4:
-        image = np.moveaxis(image, 0, -1)
-    if image.ndim != 3 or not 1 <= image.shape[-1] <= 4:
-        raise ValueError(
-            f"expected an image of shape (H, W), (C, H, W) or (H, W, C) with C <= 4, got {image.shape}"
-        )
-    image = image[..., :3]
-    low = image.min(axis=(0, 1), keepdims=True)
-    span = image.max(axis=(0, 1), keepdims=True) - low
-    image = np.divide(image - low, span, out=np.zeros_like(image), where=span > 0) * 255.0
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    elif image.shape[-1] == 2:
-        image = np.concatenate([image, np.zeros_like(image[..., :1])], axis=-1)
-    return image.round().astype(np.uint8)
-
-
-def _instance_colours(n: int) -> np.ndarray:
-    """(n + 1, 3) RGB colours in 0..255, background first; golden-ratio hue steps keep neighbours apart."""
-    hues = (np.arange(n + 1) * _GOLDEN_RATIO_CONJUGATE) % 1.0
-    hsv = np.stack([hues, np.full_like(hues, 0.85), np.ones_like(hues)], axis=-1)
-    return hsv2rgb(hsv[None])[0] * 255.0
-
 
 def write_overlay(
     image: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, path: str | os.PathLike
@@ -132,16 +91,15 @@ def write_overlay(
         ValueError: image and labels differ in height and width.
     """
     labels = _label_array(labels)
-    rgb = _display_rgb(image).astype(np.float64)
+    rgb = display_rgb(image, stretch=True).astype(np.float64)
     if rgb.shape[:2] != labels.shape:
         raise ValueError(f"{path}: image is {rgb.shape[:2]} but instance labels are {labels.shape}")
-    colours = _instance_colours(int(labels.max(initial=0)))[labels]
+    colours = golden_ratio_colours(int(labels.max(initial=0)) + 1)[labels]
     cells = labels > 0
     rgb[cells] = (1.0 - _FILL_OPACITY) * rgb[cells] + _FILL_OPACITY * colours[cells]
     edges = find_boundaries(labels, mode="inner")
     rgb[edges] = colours[edges]
-    overlay = Image.fromarray(rgb.round().astype(np.uint8))
-    return atomic_write(path, lambda f: overlay.save(f, format="PNG"))
+    return write_png(rgb.round().astype(np.uint8), path)
 
 
 def write_cell_table(labels: np.ndarray | torch.Tensor, path: str | os.PathLike) -> Path:
@@ -171,17 +129,13 @@ def write_cell_table(labels: np.ndarray | torch.Tensor, path: str | os.PathLike)
 
 def source_stem(image: Any, image_key: Hashable) -> tuple[Path, str]:
     """The source file of ``image`` and its name without extension (``.ome.tif``/``.nii.gz`` included)."""
-    source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
-    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
+    source = source_file(image)
+    if source is None:
         raise ValueError(
             f"'{image_key}' carries no 'filename_or_obj' in its metadata, so output files cannot be named; "
             "load it with LoadImaged so it is a MetaTensor that knows its source file"
         )
-    source = Path(source)
-    stem = Path(source.stem)
-    if stem.suffix.lower() in (".ome", ".nii"):
-        stem = Path(stem.stem)
-    return source, stem.name
+    return Path(source), file_stem(source)
 
 
 class SaveInstanceOutputsd(MapTransform):

@@ -166,7 +166,7 @@ def test_invalid_input_is_reported():
         confusion.update(PRED[:, :3], TARGET)
     with pytest.raises(ValueError, match=r"pred has values \[7\] outside 0\.\.2 and 255"):
         confusion.update(np.full((4, 4), 7), TARGET)
-    with pytest.raises(ValueError, match=r"target must be an \(H, W\) or \(1, H, W\) class map"):
+    with pytest.raises(ValueError, match=r"target class map must be \(H, W\) or \(1, H, W\)"):
         confusion.update(PRED, np.zeros((3, 4, 4)))
     with pytest.raises(ValueError, match="4 class names for 2 tissue classes: give 2 names, or 3"):
         confusion.report(["a", "b", "c", "d"])
