@@ -21,7 +21,7 @@ by tile from arrays that may live on disk or be computed on demand.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -392,7 +392,12 @@ def read_region(
     return np.asarray(patch, dtype=np.uint8)
 
 
-def _tiles(level: Any, tile_size: int) -> Any:
+def _tiles(level: Any, tile_size: int) -> Iterator[np.ndarray]:
+    """A level's tiles in raster order: from its own ``tiles(tile_size)`` when it renders them (e.g.
+    in parallel), else by slicing it."""
+    if callable(getattr(level, "tiles", None)):
+        yield from level.tiles(tile_size)
+        return
     height, width = level.shape[:2]
     for y in range(0, height, tile_size):
         for x in range(0, width, tile_size):
@@ -405,6 +410,8 @@ def write_pyramid_tiff(
     mpp: float | tuple[float, float] | None = None,
     tile_size: int = 512,
     compression: str | None = "zlib",
+    compression_args: dict[str, Any] | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Write a tiled pyramidal TIFF, atomically, one tile in memory at a time.
 
@@ -414,11 +421,15 @@ def write_pyramid_tiff(
     Args:
         path: the TIFF to write.
         levels: level 0 first; each a uint8 ``(H, W)`` (label map, grey) or ``(H, W, 3)`` (RGB) array-like
-            with ``shape`` and 2-D slicing, e.g. a NumPy or zarr array, or a lazy object computing pixels.
+            with ``shape`` and 2-D slicing, e.g. a NumPy or zarr array, or a lazy object computing pixels;
+            an object with a ``tiles(tile_size)`` method gives its tiles in raster order itself. Levels
+            are read in order, so a reduced level may be filled while level 0 is written.
         mpp: ``(y, x)`` (or one value) microns per pixel of level 0, stored as resolution tags in pixels per
             centimetre, each level's scaled by its size ratio; ``None`` writes no resolution.
         tile_size: TIFF tile side, a multiple of 16.
         compression: a tifffile compression (``"zlib"``, ``"jpeg"``, ...) or ``None``.
+        compression_args: options of the codec, e.g. ``{"level": 90}`` for JPEG quality.
+        workers: threads encoding tiles (tifffile's ``maxworkers``); ``None`` lets tifffile choose.
     """
     if tile_size <= 0 or tile_size % 16:
         raise ValueError(f"tile_size must be a positive multiple of 16 (a TIFF rule), got {tile_size}")
@@ -442,8 +453,11 @@ def write_pyramid_tiff(
                     tile=(tile_size, tile_size),
                     photometric="rgb" if len(level.shape) == 3 else "minisblack",
                     compression=compression,
+                    compressionargs=compression_args,
+                    maxworkers=workers,
+                    buffersize=tile_size * width * len(level.shape),  # a row of tiles, not 256 MB
                     subfiletype=1 if index else 0,
-                    metadata=None,
+                    metadata=None,  # no tifffile JSON: readers then see one generic pyramid
                     **resolution,
                 )
 

@@ -56,7 +56,13 @@ from common.data.wsi import (
     write_pyramid_tiff,
 )
 from common.io.atomic import atomic_directory, atomic_write
-from common.postprocessing.pseudo_masks import tissue_mask
+from common.transforms.tissue import (
+    BLACK_THRESHOLD,
+    BRIGHTNESS_THRESHOLD,
+    SATURATION_THRESHOLD,
+    tissue_fraction,
+    tissue_mask,
+)
 
 __all__ = ["TissueFilter", "mode_pool2", "WholeSlideSegmenter", "segment_slide"]
 
@@ -68,40 +74,34 @@ _READ_BLOCK = 2048  # side of the blocks read for the thumbnail (12 MB of RGB)
 
 class TissueFilter:
     """``filter_fn`` for :class:`~monai.inferers.WSISlidingWindowSplitter`: keep a tile when at least
-    ``min_tissue_fraction`` of its pixels are tissue, and count the tiles kept and skipped.
+    ``min_tissue_fraction`` of its pixels are tissue (:func:`common.transforms.tissue.tissue_mask`, with
+    the same thresholds as pseudo-masks and the glass mask), and count the tiles kept and skipped.
 
-    A pixel is tissue when its HSV saturation is at least ``saturation_threshold`` and its brightness
-    (mean of R, G, B over 255) is at most ``max_brightness``: glass is bright and grey, stained tissue is
-    coloured, and black (scanner borders, dust) is unsaturated. The white padding past the slide's edge
-    counts as glass. ``min_tissue_fraction=0`` keeps every tile.
+    The white padding past the slide's edge counts as glass. ``min_tissue_fraction=0`` keeps every tile.
     """
 
     def __init__(
         self,
         min_tissue_fraction: float = 0.05,
-        saturation_threshold: float = 0.07,
-        max_brightness: float = 0.9,
+        saturation_threshold: float = SATURATION_THRESHOLD,
+        brightness_threshold: float = BRIGHTNESS_THRESHOLD,
+        black_threshold: float = BLACK_THRESHOLD,
     ) -> None:
-        for name, value in (
-            ("min_tissue_fraction", min_tissue_fraction),
-            ("saturation_threshold", saturation_threshold),
-            ("max_brightness", max_brightness),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        if not 0.0 <= min_tissue_fraction <= 1.0:
+            raise ValueError(f"min_tissue_fraction must be in [0, 1], got {min_tissue_fraction!r}")
         self.min_tissue_fraction = min_tissue_fraction
-        self.saturation_threshold = saturation_threshold
-        self.max_brightness = max_brightness
+        self.thresholds = {
+            "saturation_threshold": saturation_threshold,
+            "brightness_threshold": brightness_threshold,
+            "black_threshold": black_threshold,
+        }
+        tissue_mask(np.zeros((1, 1, 3)), **self.thresholds)  # validates the thresholds now
         self.kept = 0
         self.skipped = 0
 
     def tissue_fraction(self, patch: torch.Tensor) -> float:
         """Share of tissue pixels in a ``(..., 3, H, W)`` RGB tensor with values 0..255."""
-        rgb = patch.float().reshape(-1, 3, *patch.shape[-2:])
-        brightest, darkest = rgb.amax(dim=1), rgb.amin(dim=1)
-        saturation = (brightest - darkest) / brightest.clamp_min(1.0)
-        tissue = (saturation >= self.saturation_threshold) & (rgb.mean(dim=1) <= 255.0 * self.max_brightness)
-        return float(tissue.float().mean())
+        return tissue_fraction(patch.reshape(-1, 3, *patch.shape[-2:]), **self.thresholds)
 
     def __call__(self, patch: torch.Tensor, location: Sequence[int]) -> bool:
         keep = self.tissue_fraction(patch) >= self.min_tissue_fraction
@@ -288,7 +288,7 @@ class WholeSlideSegmenter:
             :func:`common.data.histopathology.mask_palette` colours.
         overlay_alpha: opacity of the class colours in the overlay.
         mask_glass: label as background every pixel that
-            :func:`~common.postprocessing.pseudo_masks.tissue_mask` calls glass, read from the slide at the
+            :func:`~common.transforms.tissue.tissue_mask` calls glass, read from the slide at the
             processed level. A network trained on pseudo-masks learned that glass convention at its output
             stride only; this restores the pixel-level tissue outline (one more read of the slide).
     """

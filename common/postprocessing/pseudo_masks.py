@@ -6,8 +6,8 @@ pseudo-masks made from them, and what stage 2 learns is bounded by their quality
 a small function:
 
 1. :func:`normalise_cams`: each class map divided by its own maximum, so one threshold fits all classes.
-2. :func:`tissue_mask`: white glass (low saturation and high brightness) is background whatever the
-   CAMs say; CAMs are coarse and bleed into it.
+2. :func:`common.transforms.tissue.tissue_mask`: glass (grey and bright) and black are background
+   whatever the CAMs say; CAMs are coarse and bleed into them.
 3. :func:`cams_to_pseudo_mask`: only the classes of the image-level label may appear; each tissue pixel
    takes its strongest class if that class's map is high enough there, and is otherwise left
    uncertain (``ignore_index``), so that stage 2 learns from confident pixels only.
@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, convert_to_numpy
 from scipy import ndimage
 from skimage.morphology import disk
 
+from common.transforms.tissue import BRIGHTNESS_THRESHOLD, SATURATION_THRESHOLD, tissue_mask
+
 __all__ = [
     "normalise_cams",
-    "tissue_mask",
     "clean_pseudo_mask",
     "cams_to_pseudo_mask",
     "CAMToPseudoMaskd",
@@ -42,9 +43,6 @@ __all__ = [
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def _numpy(value: Any) -> np.ndarray:
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-
 
 def normalise_cams(cams: np.ndarray | torch.Tensor, eps: float = 1e-5) -> np.ndarray:
     """(C, H, W) float32 maps in 0..1: each class map divided by its own maximum.
@@ -52,7 +50,7 @@ def normalise_cams(cams: np.ndarray | torch.Tensor, eps: float = 1e-5) -> np.nda
     Negative values (a CAM taken before its ReLU) are clipped to 0 first. A map whose maximum does not
     exceed ``eps`` has no evidence anywhere and stays all 0 rather than having its noise blown up to 1.
     """
-    cams = _numpy(cams).astype(np.float32)
+    cams = convert_to_numpy(cams).astype(np.float32)
     if cams.ndim != 3:
         raise ValueError(f"cams must have shape (C, H, W), got {cams.shape}")
     cams = np.maximum(cams, 0)
@@ -60,49 +58,6 @@ def normalise_cams(cams: np.ndarray | torch.Tensor, eps: float = 1e-5) -> np.nda
     return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > eps)
 
 
-def _rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
-    """An (H, W, 3) float64 view of a (3, H, W) or (H, W, 3) 0..255 image; channel-first wins if both fit."""
-    image = _numpy(image)
-    if image.ndim == 3 and image.shape[0] == 3:
-        image = np.moveaxis(image, 0, -1)
-    elif not (image.ndim == 3 and image.shape[-1] == 3):
-        raise ValueError(f"image must be RGB, (3, H, W) or (H, W, 3), got shape {image.shape}")
-    image = image.astype(np.float64)
-    if image.size and (image.min() < 0 or image.max() > 255):
-        raise ValueError(
-            f"image values must lie in 0..255 (the image as loaded, before intensity normalisation), "
-            f"found {image.min():.3g}..{image.max():.3g}"
-        )
-    return image
-
-
-def tissue_mask(
-    image: np.ndarray | torch.Tensor,
-    saturation_threshold: float = 0.1,
-    brightness_threshold: float = 0.85,
-) -> np.ndarray:
-    """(H, W) bool, ``True`` on tissue: a pixel is background (white glass) when its HSV saturation is
-    below ``saturation_threshold`` AND its brightness (HSV value) above ``brightness_threshold``.
-
-    Both conditions are needed: glass is bright and grey, while pale eosin-stained stroma is bright but
-    pink (saturation ~0.15-0.3), and dark debris or pen marks are grey but dark. The defaults (0.1 and
-    0.85, i.e. max(R, G, B) > 217) keep faint stroma as tissue and the glass of scanned H&E slides as
-    background; raise ``saturation_threshold`` for faded stains.
-
-    Args:
-        image: RGB, (3, H, W) or (H, W, 3), uint8 or float in 0..255 (not normalised; a float image in
-            0..1 would all count as tissue).
-    """
-    if not 0 <= saturation_threshold <= 1 or not 0 <= brightness_threshold <= 1:
-        raise ValueError(
-            f"thresholds must lie in 0..1, got saturation {saturation_threshold}, "
-            f"brightness {brightness_threshold}"
-        )
-    rgb = _rgb(image)
-    brightest, darkest = rgb.max(axis=-1), rgb.min(axis=-1)
-    saturation = np.divide(brightest - darkest, brightest, out=np.zeros_like(brightest), where=brightest > 0)
-    background = (saturation < saturation_threshold) & (brightest > brightness_threshold * 255)
-    return ~background
 
 
 def _morphology(region: np.ndarray, radius: int, operation: Any) -> np.ndarray:
@@ -163,8 +118,8 @@ def cams_to_pseudo_mask(
     closing_radius: int = 0,
     min_area: int = 0,
     fill_single_class: bool = True,
-    saturation_threshold: float = 0.1,
-    brightness_threshold: float = 0.85,
+    saturation_threshold: float = SATURATION_THRESHOLD,
+    brightness_threshold: float = BRIGHTNESS_THRESHOLD,
     ignore_index: int = 255,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A pseudo-mask and its confidence from the CAMs of one image and its image-level label.
@@ -173,7 +128,8 @@ def cams_to_pseudo_mask(
     of absent classes are never used), and ``k`` that class, each pixel is, by the first rule that
     applies:
 
-    1. background ``C`` if ``image`` is given and the pixel is not tissue (:func:`tissue_mask`);
+    1. background ``C`` if ``image`` is given and the pixel is not tissue
+       (:func:`common.transforms.tissue.tissue_mask`);
     2. background ``C`` if ``background_threshold`` is set and ``s < background_threshold`` (no class
        claims the pixel; for images without glass, or when no ``image`` is given);
     3. the single present class, when ``label`` has exactly one class and ``fill_single_class``: the
@@ -196,7 +152,7 @@ def cams_to_pseudo_mask(
         ignore_band: see rule 4, in [0, 1).
         opening_radius, closing_radius, min_area: see :func:`clean_pseudo_mask`.
         fill_single_class: see rule 3.
-        saturation_threshold, brightness_threshold: see :func:`tissue_mask`.
+        saturation_threshold, brightness_threshold: see :func:`common.transforms.tissue.tissue_mask`.
         ignore_index: label of uncertain pixels, above ``C`` and at most 255.
 
     Returns:
@@ -208,7 +164,7 @@ def cams_to_pseudo_mask(
         ValueError: the label does not match the CAMs' classes, the image does not match their size,
             or an option is out of range.
     """
-    raw = _numpy(cams)
+    raw = convert_to_numpy(cams)
     if raw.ndim != 3 or 0 in raw.shape:
         raise ValueError(f"cams must have shape (C, H, W) with C, H, W > 0, got {raw.shape}")
     num_classes, height, width = raw.shape
@@ -253,7 +209,7 @@ def cams_to_pseudo_mask(
 
 
 def _present_classes(label: Any, num_classes: int, cams_shape: tuple[int, ...]) -> np.ndarray:
-    label = _numpy(label).reshape(-1)
+    label = convert_to_numpy(label, wrap_sequence=True).reshape(-1)
     if label.size != num_classes:
         raise ValueError(
             f"label has {label.size} entries (shape {label.shape}) but the cams have {num_classes} classes "
@@ -334,8 +290,8 @@ class CAMToPseudoMaskd(MapTransform):
         closing_radius: int = 0,
         min_area: int = 0,
         fill_single_class: bool = True,
-        saturation_threshold: float = 0.1,
-        brightness_threshold: float = 0.85,
+        saturation_threshold: float = SATURATION_THRESHOLD,
+        brightness_threshold: float = BRIGHTNESS_THRESHOLD,
         ignore_index: int = 255,
         allow_missing_keys: bool = False,
     ) -> None:
@@ -382,7 +338,8 @@ class CAMToPseudoMaskd(MapTransform):
 
 
 class GlassToBackgroundd(MapTransform):
-    """Class maps in which every pixel :func:`tissue_mask` calls glass is background.
+    """Class maps in which every pixel that :func:`common.transforms.tissue.tissue_mask` calls glass (or
+    black) is background.
 
     Pseudo-masks take their glass from the pixel-level tissue mask, but a segmentation network trained
     on them predicts at its output stride and rounds that outline off; applying the same mask to its
@@ -393,7 +350,7 @@ class GlassToBackgroundd(MapTransform):
             is replaced by a (1, H, W) int64 class map of the same tensor type.
         image_key: the RGB image the predictions belong to, in 0..255 (not normalised).
         background_index: class of glass (the collection's convention: the number of tissue classes).
-        saturation_threshold, brightness_threshold: see :func:`tissue_mask`.
+        saturation_threshold, brightness_threshold: see :func:`common.transforms.tissue.tissue_mask`.
     """
 
     def __init__(
@@ -401,8 +358,8 @@ class GlassToBackgroundd(MapTransform):
         keys: KeysCollection = "pred",
         image_key: str = "image",
         background_index: int = 4,
-        saturation_threshold: float = 0.1,
-        brightness_threshold: float = 0.85,
+        saturation_threshold: float = SATURATION_THRESHOLD,
+        brightness_threshold: float = BRIGHTNESS_THRESHOLD,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)

@@ -54,12 +54,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 from PIL import Image
 
 from common.data.histopathology import BACKGROUND, DEFAULT_CLASS_NAMES, write_mask
 from common.data.synthetic.output import synthetic_dataset_folder, write_dataset_json
-from common.io.atomic import atomic_write
+from common.data.wsi import write_pyramid_tiff
 
 __all__ = [
     "SUBFOLDERS",
@@ -576,39 +575,42 @@ def write_synthetic_slide(
         y_um, x_um = _pixel_centres(y0 * mpp, h, mpp), _pixel_centres(x0 * mpp, w, mpp)
         return _render(keys, class_map, y_um, x_um, stain, np.random.default_rng([seed, _SLIDE_KEY, ty, tx]))
 
-    def level0_tiles() -> Iterator[np.ndarray]:
-        with ThreadPoolExecutor(workers) as pool:
-            for ty in range(-(-height // tile)):
-                row = list(pool.map(lambda tx: render_tile(ty, tx), range(-(-width // tile))))
-                half = ty * tile // 2
-                strip = _halve(np.concatenate(row, axis=1))
-                reduced[half : half + strip.shape[0]] = strip
-                yield from row
+    class Level0:
+        """Level 0 rendered a row of tiles at a time by ``workers`` threads, filling level 1 as it goes."""
 
-    def write(f: Any) -> None:
-        options = {
-            "tile": (tile, tile),
-            "photometric": "rgb",
-            "compression": "jpeg",
-            "compressionargs": {"level": _JPEG_QUALITY},
-            "resolutionunit": "CENTIMETER",
-            "metadata": None,  # no tifffile JSON: readers then see one generic pyramid
-            "maxworkers": workers,
-            "buffersize": tile * width * 3,  # encode a row of tiles at a time, not tifffile's 256 MB
-        }
-        bigtiff = height * width * 3 * 4 // 3 > 2**31  # uncompressed size of all levels
-        with tifffile.TiffWriter(f, bigtiff=bigtiff) as tif:
-            shape = (height, width, 3)
-            resolution = (1e4 / mpp, 1e4 / mpp)
-            tif.write(level0_tiles(), shape=shape, dtype=np.uint8, resolution=resolution, **options)
-            level = reduced
-            for index in range(1, len(shapes)):
-                level = level if index == 1 else _halve(level)
-                pixels_per_cm = 1e4 / (mpp * 2**index)
-                tif.write(level, subfiletype=1, resolution=(pixels_per_cm, pixels_per_cm), **options)
+        shape = (height, width, 3)
 
-    atomic_write(path, write)
+        def tiles(self, tile_size: int) -> Iterator[np.ndarray]:
+            with ThreadPoolExecutor(workers) as pool:
+                for ty in range(-(-height // tile_size)):
+                    row = list(pool.map(lambda tx: render_tile(ty, tx), range(-(-width // tile_size))))
+                    half = ty * tile_size // 2
+                    strip = _halve(np.concatenate(row, axis=1))
+                    reduced[half : half + strip.shape[0]] = strip
+                    yield from row
+
+    levels: list[Any] = [Level0(), reduced]
+    for _ in shapes[2:]:
+        levels.append(_HalvedLevel(levels[-1]))
+    write_pyramid_tiff(
+        path, levels, mpp=mpp, tile_size=tile, compression="jpeg",
+        compression_args={"level": _JPEG_QUALITY}, workers=workers,
+    )
     return truth, shapes
+
+
+class _HalvedLevel:
+    """A pyramid level computed from the one above when first read (after that one was written)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.shape = (-(-source.shape[0] // 2), -(-source.shape[1] // 2), 3)
+        self._pixels: np.ndarray | None = None
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if self._pixels is None:
+            self._pixels = _halve(np.asarray(self.source[:, :]))
+        return self._pixels[index]
 
 
 # ----------------------------------------------------------------------------------------- dataset

@@ -9,7 +9,6 @@ from common.postprocessing.pseudo_masks import (
     cams_to_pseudo_mask,
     clean_pseudo_mask,
     normalise_cams,
-    tissue_mask,
 )
 
 IGNORE = 255
@@ -34,21 +33,6 @@ def test_normalise_cams_divides_each_class_by_its_own_maximum():
     assert normalised.dtype == np.float32
     with pytest.raises(ValueError, match=r"cams must have shape \(C, H, W\), got \(2, 2\)"):
         normalise_cams(np.zeros((2, 2)))
-
-
-def test_tissue_mask_separates_white_glass_from_stained_tissue():
-    pixels = np.array([[WHITE, PINK, (100, 100, 100), (240, 200, 225), (255, 255, 255)]], np.uint8)
-    # glass, eosin pink, dark grey debris (grey but not bright), pale stroma (bright but pink), pure white
-    expected = [[False, True, True, True, False]]
-    np.testing.assert_array_equal(tissue_mask(pixels), expected)
-    channel_first = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)
-    np.testing.assert_array_equal(tissue_mask(channel_first), expected)
-    # a higher saturation threshold turns the pale stroma (saturation 0.17) into glass
-    assert not tissue_mask(pixels, saturation_threshold=0.2)[0, 3]
-    with pytest.raises(ValueError, match=r"image must be RGB, .* got shape \(4, 5\)$"):
-        tissue_mask(np.zeros((4, 5)))
-    with pytest.raises(ValueError, match="image values must lie in 0..255"):
-        tissue_mask(np.full((2, 2, 3), -1.5))  # an intensity-normalised image
 
 
 def test_only_classes_of_the_label_appear():
