@@ -13,8 +13,8 @@ from typing import Any
 
 import ignite.distributed as idist
 import numpy as np
-import torch
 from ignite.engine import Engine
+from monai.utils import convert_to_numpy
 
 from common.handlers.samples import EpochAccumulator, iteration_samples
 from common.metrics.classification import classification_report, confusion_matrix, format_report
@@ -80,7 +80,7 @@ class ClassificationReportHandler(EpochAccumulator):
 
     def _class_index(self, value: Any, key: str) -> int:
         """A class index from an index (any shape with one element) or a per-class vector (argmax)."""
-        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        array = convert_to_numpy(value, wrap_sequence=True)
         if array.size == 1:
             return int(array.reshape(-1)[0])
         if array.size == len(self.class_names):

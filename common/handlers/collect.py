@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from ignite.engine import Engine, Events
+from monai.utils import convert_to_numpy
 
 from common.handlers.samples import iteration_samples
 
@@ -41,7 +41,7 @@ class OutputCollector:
                 if key not in sample:
                     raise KeyError(f"{key!r} is neither in the engine output nor in the batch: {sorted(sample)}")
                 value = sample[key]
-                array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+                array = convert_to_numpy(value, wrap_sequence=True)
                 self.values[key].append(np.squeeze(array))
 
     def __getitem__(self, key: str) -> list[np.ndarray]:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from monai.utils import convert_to_numpy
 
 __all__ = ["InstanceMatching", "CTCScores", "match_instances", "ctc_scores", "aggregate_ctc"]
 
@@ -110,9 +111,7 @@ class CTCScores:
 
 def _as_label_array(labels: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     """An integer label image as NumPy, with a leading channel axis of size 1 dropped."""
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    labels = np.asarray(labels)
+    labels = convert_to_numpy(labels, wrap_sequence=True)
     if labels.ndim >= 3 and labels.shape[0] == 1:
         labels = labels[0]
     if labels.ndim < 2:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-from monai.utils import convert_to_dst_type, ensure_tuple
+from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.filters import gaussian, threshold_otsu
@@ -34,9 +34,7 @@ def to_grayscale(image: np.ndarray | torch.Tensor) -> np.ndarray:
     usually carry the signal in a single channel, which luminance weights would shrink (blue to 7%).
     A fourth (alpha) channel is ignored.
     """
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    image = np.asarray(image, dtype=np.float64)
+    image = convert_to_numpy(image, dtype=np.float64, wrap_sequence=True)
     if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
         image = np.moveaxis(image, 0, -1)
     if image.ndim == 3 and image.shape[-1] in (1, 3, 4):

@@ -375,7 +375,7 @@ class GlassToBackgroundd(MapTransform):
         glass = ~tissue_mask(d[self.image_key], self.saturation_threshold, self.brightness_threshold)
         for key in self.key_iterator(d):
             pred = d[key]
-            scores = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+            scores = convert_to_numpy(pred, wrap_sequence=True)
             if scores.ndim != 3 or scores.shape[1:] != glass.shape:
                 raise ValueError(
                     f"{key!r} must be (K, H, W) scores or a (1, H, W) class map of the image's size "

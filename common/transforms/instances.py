@@ -22,16 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import MapTransform
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, convert_to_numpy
 from scipy import ndimage
 
 __all__ = ["label_instances", "instance_boxes", "MaskToInstancesd", "BoxesFromInstancesd"]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
-
-def _numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
-    return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
 
 
 def label_instances(mask: np.ndarray | torch.Tensor, min_area: int = 0) -> np.ndarray:
@@ -40,7 +37,7 @@ def label_instances(mask: np.ndarray | torch.Tensor, min_area: int = 0) -> np.nd
     Components smaller than ``min_area`` pixels (annotation specks) are dropped; components keep
     their label order (row-major order of their first pixel), so the output is deterministic.
     """
-    mask = _numpy(mask)
+    mask = convert_to_numpy(mask)
     if mask.ndim == 3 and mask.shape[0] == 1:
         mask = mask[0]
     if mask.ndim != 2:
@@ -59,7 +56,7 @@ def instance_boxes(instances: np.ndarray | torch.Tensor) -> np.ndarray:
     ``x2`` and ``y2`` are one past the last column and row, as in torchvision and COCO. Empty
     channels get a zero box; callers drop them by area.
     """
-    instances = _numpy(instances) > 0
+    instances = convert_to_numpy(instances) > 0
     if instances.ndim != 3:
         raise ValueError(f"instances must be (N, H, W), got shape {instances.shape}")
     rows, cols = instances.any(axis=2), instances.any(axis=1)  # (N, H), (N, W)
@@ -155,7 +152,7 @@ class BoxesFromInstancesd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             instances = d[key]
-            binary = _numpy(instances) > 0.5
+            binary = convert_to_numpy(instances) > 0.5
             if binary.ndim != 3:
                 raise ValueError(f"{key!r} must be (N, H, W) instance masks, got shape {binary.shape}")
             kept = binary.sum(axis=(1, 2)) >= self.min_area
