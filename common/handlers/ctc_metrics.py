@@ -80,7 +80,7 @@ class CTCMetricsHandler(EpochAccumulator):
         self._records = []
 
     def _name(self, sample: Mapping[str, Any]) -> str:
-        return sample_name(sample, image_key=self.name_key) or f"rank{idist.get_rank()}_image{len(self._records)}"
+        return sample_name(sample, image_key=self.name_key, position=len(self._records))
 
     def update(self, engine: Engine) -> None:
         """Score every sample of the iteration."""

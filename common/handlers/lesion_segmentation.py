@@ -126,7 +126,7 @@ class LesionSegmentationEvaluationHandler(EpochAccumulator):
             self._records.append(record)
 
     def _name(self, sample: Mapping[str, Any]) -> str:
-        return sample_name(sample, self.name_key, self.image_key) or f"rank{idist.get_rank()}_image{len(self._records)}"
+        return sample_name(sample, self.name_key, self.image_key, position=len(self._records))
 
     def complete(self, engine: Engine) -> None:
         """Gather all ranks' images, evaluate, publish, log and write the figures."""

@@ -113,8 +113,7 @@ class CocoPointsEvaluationHandler(EpochAccumulator):
         return convert_to_numpy(sample[key], np.int64, wrap_sequence=True).reshape(-1)
 
     def _name(self, sample: Mapping[str, Any]) -> str:
-        fallback = f"rank{idist.get_rank()}_image{len(self._ground_truth)}"
-        return sample_name(sample, self.name_key, self.image_key) or fallback
+        return sample_name(sample, self.name_key, self.image_key, position=len(self._ground_truth))
 
     def complete(self, engine: Engine) -> None:
         """Gather all ranks' images, evaluate, publish, log and write the figures."""

@@ -32,10 +32,16 @@ def iteration_samples(engine: Engine) -> list[dict[str, Any]]:
     return [{**(b if isinstance(b, Mapping) else {}), **o} for o, b in zip(outputs, batches)]
 
 
-def sample_name(sample: Mapping[str, Any], name_key: str = "name", image_key: str = "image") -> str | None:
+def sample_name(
+    sample: Mapping[str, Any], name_key: str = "name", image_key: str = "image", position: int | None = None
+) -> str | None:
     """The source file of a sample: its ``name_key`` entry, else the ``filename_or_obj`` of the
-    MetaTensor under ``image_key``; ``None`` when neither is there (callers then number the sample)."""
-    return source_file(sample.get(name_key)) or source_file(sample.get(image_key))
+    MetaTensor under ``image_key``. Without either, ``rank<r>_image<position>`` when the sample's
+    ``position`` on this rank is given (unique across ranks), else ``None``."""
+    name = source_file(sample.get(name_key)) or source_file(sample.get(image_key))
+    if name is None and position is not None:
+        return f"rank{idist.get_rank()}_image{position}"
+    return name
 
 
 Record = TypeVar("Record")

@@ -109,8 +109,7 @@ class SegmentationMetricsHandler(EpochAccumulator):
                         f"SegmentationMetricsHandler: no {key!r} in the engine output or batch; "
                         f"found {sorted(sample)}"
                     )
-            name = sample_name(sample, self.name_key, self.image_key)
-            name = name or f"rank{idist.get_rank()}_image{len(self._records)}"
+            name = sample_name(sample, self.name_key, self.image_key, position=len(self._records))
             pred = _class_map(sample[self.pred_key])
             target = _class_map(sample[self.label_key])
             self._records.append((name, self.confusion.counts(pred, target)))

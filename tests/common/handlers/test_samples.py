@@ -1,7 +1,7 @@
 import torch
 from ignite.engine import Engine
 
-from common.handlers.samples import gather_by_name, iteration_samples
+from common.handlers.samples import gather_by_name, iteration_samples, sample_name
 
 
 def _engine(output, batch):
@@ -26,7 +26,6 @@ def test_batched_dicts_are_decollated():
 def test_sample_name_prefers_the_name_then_the_image_file():
     from monai.data import MetaTensor
 
-    from common.handlers.samples import sample_name
 
     image = MetaTensor(torch.zeros(1, 2, 2), meta={"filename_or_obj": "/data/a.png"})
     assert sample_name({"name": "b.png", "image": image}) == "b.png"
@@ -38,3 +37,9 @@ def test_gather_by_name_keeps_the_first_record_of_each_name():
     records = [("a.png", 1), ("b.png", 2), ("a.png", 3)]  # a.png repeated, as DistributedSampler pads
     assert gather_by_name(records, lambda record: record[0]) == {"a.png": ("a.png", 1), "b.png": ("b.png", 2)}
     assert gather_by_name([], lambda record: record[0]) == {}
+
+
+def test_sample_name_numbers_unnamed_samples_by_rank_and_position():
+    assert sample_name({"image": torch.zeros(1)}) is None
+    assert sample_name({"image": torch.zeros(1)}, position=3) == "rank0_image3"
+    assert sample_name({"name": "a.png"}, position=3) == "a.png"
