@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import InputDataError
-from common.networks.deeplab_v2 import backbone_head_param_groups, create_dilated_backbone
+from common.networks.deeplab_v2 import create_dilated_backbone
 
 __all__ = ["CAMClassifier", "PrototypeCAMClassifier", "build_class_prototypes", "kmeans"]
 
@@ -143,10 +143,6 @@ class CAMClassifier(nn.Module):
         maps of every view are averaged. Gradients flow; wrap in ``torch.no_grad()`` for inference.
         """
         return _multiscale_cams(self.feature_cams, x, size, scales, flip)
-
-    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict[str, Any]]:
-        """Backbone at ``lr``, classifier at ``lr * head_lr_mult``, for an optimizer built in a config."""
-        return backbone_head_param_groups(self, lr, head_lr_mult)
 
 
 class PrototypeCAMClassifier(nn.Module):

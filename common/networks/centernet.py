@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import timm
 import torch
@@ -159,29 +158,3 @@ class CenterNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.forward_features(x)
         return torch.cat([self.heatmap_head(features), self.offset_head(features)], dim=1)
-
-    def param_groups(
-        self, lr: float, backbone_lr_ratio: float = 0.1, weight_decay: float = 1e-4
-    ) -> list[dict[str, Any]]:
-        """Parameter groups for AdamW: the (pretrained) backbone learns ``backbone_lr_ratio`` times slower
-        than the new decoder and heads, and biases and norm parameters get no weight decay.
-
-        Each trainable parameter is in exactly one group; empty groups are left out.
-        """
-        if lr <= 0 or backbone_lr_ratio < 0 or weight_decay < 0:
-            raise ValueError(
-                f"need lr > 0, backbone_lr_ratio >= 0 and weight_decay >= 0, got {lr}, {backbone_lr_ratio}, {weight_decay}."
-            )
-        backbone_ids = {id(p) for p in self.backbone.parameters()}
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for param in self.parameters():
-            if param.requires_grad:
-                groups.setdefault((id(param) in backbone_ids, param.ndim <= 1), []).append(param)
-        return [
-            {
-                "params": params,
-                "lr": lr * backbone_lr_ratio if in_backbone else lr,
-                "weight_decay": 0.0 if no_decay else weight_decay,
-            }
-            for (in_backbone, no_decay), params in sorted(groups.items())
-        ]

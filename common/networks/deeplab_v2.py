@@ -8,8 +8,8 @@ atrous spatial pyramid pooling (ASPP) is four parallel 3x3 convolutions with dil
 in DeepLab-v3. ``forward`` returns logits at the input size, so a cross-entropy on full-size masks and
 MONAI's sliding-window inference work on the network as it is.
 
-:func:`create_dilated_backbone` and :func:`backbone_head_param_groups` also serve the CAM classifier
-(:mod:`common.networks.cam_classifier`), which needs the same dilated backbone and learning rates.
+:func:`create_dilated_backbone` also serves the CAM classifier (:mod:`common.networks.cam_classifier`),
+which needs the same dilated backbone.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 
 from common.networks.timm_backbone import create_timm_model, load_backbone_weights
 
-__all__ = ["OUTPUT_STRIDES", "create_dilated_backbone", "backbone_head_param_groups", "ASPPv2", "DeepLabV2"]
+__all__ = ["OUTPUT_STRIDES", "create_dilated_backbone", "ASPPv2", "DeepLabV2"]
 
 OUTPUT_STRIDES = (8, 16)
 
@@ -84,26 +84,6 @@ def create_dilated_backbone(
     if checkpoint is not None:
         load_backbone_weights(backbone, checkpoint, key=checkpoint_key, sha256=sha256)
     return backbone
-
-
-def backbone_head_param_groups(
-    model: nn.Module, lr: float, head_lr_mult: float = 10.0
-) -> list[dict[str, Any]]:
-    """Optimizer groups: ``model.backbone`` at ``lr``, every other parameter at ``lr * head_lr_mult``.
-
-    A pretrained backbone is fine-tuned while the freshly initialised head learns from scratch, so the
-    head gets a larger learning rate (10x in DeepLab and most WSSS classifiers). Each trainable
-    parameter is in exactly one group; empty groups are left out.
-    """
-    if lr <= 0 or head_lr_mult <= 0:
-        raise ValueError(f"need lr > 0 and head_lr_mult > 0, got lr={lr}, head_lr_mult={head_lr_mult}.")
-    backbone_ids = {id(p) for p in model.backbone.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if id(p) in backbone_ids], "lr": lr},
-        {"params": [p for p in trainable if id(p) not in backbone_ids], "lr": lr * head_lr_mult},
-    ]
-    return [group for group in groups if group["params"]]
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -199,7 +179,3 @@ class DeepLabV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.forward_logits(x)
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict[str, Any]]:
-        """Backbone at ``lr``, ASPP at ``lr * head_lr_mult``; see :func:`backbone_head_param_groups`."""
-        return backbone_head_param_groups(self, lr, head_lr_mult)

@@ -148,6 +148,10 @@ class MaskedAutoencoderViT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Learnt tokens and position embeddings, which weight decay would only shrink (timm's convention)."""
+        return {"mask_token", *(f"encoder.{name}" for name in self.encoder.no_weight_decay())}
+
     def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
         """(patch rows, patch columns) of ``(B, C, H, W)`` images whose sides are multiples of the patch."""
         if images.ndim != 4 or images.shape[1] != self.in_chans:

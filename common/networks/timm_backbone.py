@@ -10,22 +10,25 @@ back to random initialisation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import timm
-from timm.layers import resample_abs_pos_embed
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from common.errors import InputDataError
 from common.io.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
 
 __all__ = [
+    "architecture_only",
     "create_timm_model",
     "create_vit_backbone",
     "load_backbone_weights",
@@ -39,13 +42,32 @@ logger = logging.getLogger(__name__)
 # Wrappers that prefix backbone keys: DistributedDataParallel, DINO/MAE models, encoder-decoder nets.
 STRIP_PREFIXES = ("module.", "backbone.", "encoder.")
 
+_ARCHITECTURE_ONLY: ContextVar[bool] = ContextVar("architecture_only", default=False)
+
+
+@contextlib.contextmanager
+def architecture_only() -> Iterator[None]:
+    """Build networks without their weights: no pretrained download, no local checkpoint read.
+
+    For tools that check a network's shapes and export (``common.bundle.verify``), which must work
+    offline and in a fresh clone that lacks the weights of earlier training stages. Networks built
+    inside are randomly initialised whatever their config says, so never train or infer with them.
+    """
+    token = _ARCHITECTURE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _ARCHITECTURE_ONLY.reset(token)
+
 
 def create_timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with one clear error when pretrained weights cannot be fetched.
 
     Hospitals often train offline; a failed download must say what to do instead of surfacing a
-    network stack trace, and must never fall back to random weights silently.
+    network stack trace, and must never fall back to random weights silently. Under
+    :func:`architecture_only`, ``pretrained`` is ignored.
     """
+    pretrained = pretrained and not _ARCHITECTURE_ONLY.get()
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as err:
@@ -142,9 +164,13 @@ def load_backbone_weights(
     have (a DINO head, a decoder) are ignored and logged; a backbone tensor that is missing or has a
     different shape raises, because fine-tuning a half-initialised backbone fails silently.
 
+    Under :func:`architecture_only` the file is not read and ``model`` keeps its weights.
+
     Raises:
         InputDataError: naming ``path``, when the file is unsafe, unreadable or does not fit ``model``.
     """
+    if _ARCHITECTURE_ONLY.get():
+        return
     checkpoint = load_checkpoint(path, sha256=sha256)
     try:
         state_dict = extract_state_dict(checkpoint, key)

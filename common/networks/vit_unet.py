@@ -177,30 +177,3 @@ class ViTUNet(nn.Module):
         if self.freeze_backbone:
             self.backbone.eval()
         return self
-
-    def param_groups(
-        self, lr: float, backbone_lr: float | None = None, weight_decay: float = 0.1
-    ) -> list[dict]:
-        """Optimizer parameter groups: decoder at ``lr``, backbone at ``backbone_lr`` (default ``lr / 10``).
-
-        Pretrained features are easily destroyed by large updates, hence the lower backbone rate.
-        Norm weights, biases, position embeddings and class/register tokens get no weight decay.
-        Frozen parameters are left out.
-        """
-        backbone_lr = lr / 10 if backbone_lr is None else backbone_lr
-        no_decay_names = set(self.backbone.no_weight_decay())
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            in_backbone = name.startswith("backbone.")
-            no_decay = param.ndim <= 1 or (in_backbone and name.split(".", 1)[1] in no_decay_names)
-            groups.setdefault((in_backbone, no_decay), []).append(param)
-        return [
-            {
-                "params": params,
-                "lr": backbone_lr if in_backbone else lr,
-                "weight_decay": 0.0 if no_decay else weight_decay,
-            }
-            for (in_backbone, no_decay), params in groups.items()
-        ]

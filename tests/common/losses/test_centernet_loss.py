@@ -10,6 +10,7 @@ from monai.transforms import Compose, DeleteItemsd
 
 from common.losses.centernet import CenterNetFocalLoss, CenterNetLoss
 from common.networks.centernet import CenterNet
+from common.networks.param_groups import param_groups
 from common.transforms.centernet import CenterNetTargetd
 
 
@@ -97,7 +98,7 @@ def test_trains_with_monai_supervised_trainer():
         max_epochs=2,
         train_data_loader=loader,
         network=network,
-        optimizer=torch.optim.AdamW(network.param_groups(1e-3), lr=1e-3),
+        optimizer=torch.optim.AdamW(param_groups(network, 1e-3, 1e-4, backbone_lr_scale=0.1), lr=1e-3),
         loss_function=CenterNetLoss(),
         decollate=False,
     )

@@ -11,6 +11,7 @@ from common.networks.cam_classifier import (
     build_class_prototypes,
     kmeans,
 )
+from common.networks.param_groups import param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +95,7 @@ def test_flip_and_multiscale_average_the_views(classifier):
 def test_gradient_step_with_multilabel_loss_and_param_groups():
     torch.manual_seed(3)
     model = CAMClassifier(3, **SMALL)
-    groups = model.param_groups(0.01)
+    groups = param_groups(model, 0.1, backbone_lr_scale=0.1)
     assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.1])
     assert groups[1]["params"] == [model.classifier.weight]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

@@ -8,6 +8,7 @@ from common.errors import InputDataError
 from common.io.checkpoint import save_checkpoint
 from common.networks import centernet
 from common.networks.centernet import CenterNet
+from common.networks.param_groups import param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,7 +81,7 @@ def test_pretrained_offline_is_an_error_not_random_weights(monkeypatch):
 
 def test_param_groups_cover_every_parameter_once_with_slower_backbone():
     model = CenterNet(**SMALL)
-    groups = model.param_groups(1e-3)
+    groups = param_groups(model, 1e-3, 1e-4, backbone_lr_scale=0.1)
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     backbone_ids = {id(p) for p in model.backbone.parameters()}

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from common.errors import InputDataError
 from common.io.checkpoint import save_checkpoint
 from common.networks.deeplab_v2 import ASPPv2, DeepLabV2, create_dilated_backbone
+from common.networks.param_groups import param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,7 +88,7 @@ def test_pretrained_offline_is_an_error_not_random_weights(monkeypatch):
 def test_gradient_step_on_full_size_masks_with_ignored_pixels():
     torch.manual_seed(0)
     model = DeepLabV2(3, **SMALL)
-    groups = model.param_groups(0.01)
+    groups = param_groups(model, 0.1, backbone_lr_scale=0.1)  # ASPP at 10x the backbone, as in DeepLab
     assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.1])
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
@@ -106,10 +107,10 @@ def test_gradient_step_on_full_size_masks_with_ignored_pixels():
 
 def test_param_groups_validate_and_skip_frozen_backbone():
     model = DeepLabV2(3, **SMALL)
-    with pytest.raises(ValueError, match="lr > 0"):
-        model.param_groups(0.0)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        param_groups(model, 0.0)
     model.backbone.requires_grad_(False)
-    groups = model.param_groups(1e-3, head_lr_mult=20.0)
+    groups = param_groups(model, 0.02, backbone_lr_scale=0.05)
     assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(0.02)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from common.errors import InputDataError
+from common.networks.param_groups import param_groups
 from common.networks.timm_backbone import create_vit_backbone, save_backbone
 from common.networks.vit_unet import ViTUNet
 
@@ -56,22 +57,22 @@ def test_frozen_backbone_gets_no_gradients_and_stays_in_eval():
     model(torch.rand(1, 3, 32, 32)).mean().backward()
     assert all(p.grad is None for p in model.backbone.parameters())
     assert model.head.weight.grad is not None
-    groups = model.param_groups(1e-3)
+    groups = param_groups(model, 1e-3)
     assert {id(p) for g in groups for p in g["params"]}.isdisjoint(id(p) for p in model.backbone.parameters())
 
 
 def test_param_groups_cover_each_trainable_parameter_once():
     model = ViTUNet(**PATCH8)
-    groups = model.param_groups(1e-4, 1e-5, weight_decay=0.05)
+    groups = param_groups(model, 1e-4, weight_decay=0.05, backbone_lr_scale=0.1)
     grouped = [p for g in groups for p in g["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     for name, p in model.named_parameters():
-        assert lr_of[id(p)] == (1e-5 if name.startswith("backbone.") else 1e-4), name
+        assert lr_of[id(p)] == pytest.approx(1e-5 if name.startswith("backbone.") else 1e-4), name
     assert decay_of[id(model.backbone.pos_embed)] == decay_of[id(model.backbone.cls_token)] == 0.0
     assert decay_of[id(model.head.bias)] == 0.0 and decay_of[id(model.head.weight)] == 0.05
-    assert {g["lr"] for g in model.param_groups(1e-4)} == {1e-4, 1e-5}  # backbone defaults to lr / 10
+    assert {g["lr"] for g in param_groups(model, 1e-4)} == {1e-4}  # backbone_lr_scale defaults to 1
     torch.optim.AdamW(groups).step()
 
 
