@@ -51,6 +51,8 @@ __all__ = [
     "parse_label_vector",
     "read_labelled_patch_folder",
     "read_patch_manifest",
+    "patch_label_datalist",
+    "patch_mask_datalist",
     "read_rgb_patch",
     "read_mask",
     "read_segmentation_folder",
@@ -294,6 +296,94 @@ def read_patch_manifest(
         raise InputDataError(path, "manifest lists no patches")
     _check_unique_names(entries, path)
     return entries
+
+
+def _split_names(splits: str | Sequence[str]) -> tuple[str, ...]:
+    names = (splits,) if isinstance(splits, str) else tuple(splits)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"splits must be a split name or a non-empty list of them, got {splits!r}")
+    return names
+
+
+def _manifest_splits(
+    manifest: str | os.PathLike,
+    num_classes: int,
+    splits: str | Sequence[str],
+    class_names: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """The entries of ``manifest`` of ``splits``; a line without a ``split`` counts as ``train``."""
+    names = _split_names(splits)
+    entries = [
+        entry
+        for entry in read_patch_manifest(manifest, num_classes, class_names=class_names)
+        if entry.get("split", "train") in names
+    ]
+    if not entries:
+        raise InputDataError(manifest, f"manifest lists no patches of split {_listed(list(names))}")
+    return entries
+
+
+def patch_label_datalist(
+    train_dir: str | os.PathLike,
+    num_classes: int,
+    manifest: str | os.PathLike | None = None,
+    class_names: Sequence[str] | None = None,
+    splits: str | Sequence[str] = "train",
+) -> list[dict[str, Any]]:
+    """The patches with image-level labels that a patch classifier (the CAM stage) trains on.
+
+    With a ``manifest``, its lines of ``splits`` (a line without ``split`` counts as ``train``), read by
+    :func:`read_patch_manifest`, and ``train_dir`` is not looked at; without one, every patch of
+    ``train_dir``, with its labels in its name, read by :func:`read_labelled_patch_folder`.
+
+    Args:
+        train_dir: folder of ``NAME-[a b ...].png`` patches (LUAD-HistoSeg, BCSS-WSSS).
+        num_classes: ``C``, the number of tissue classes.
+        manifest: a JSONL manifest to read instead of ``train_dir``; ``None`` (or empty) for the folder.
+        class_names: the ``C`` class names, for manifest labels written as names.
+        splits: the manifest split (or splits) to keep.
+
+    Returns:
+        Entries ``{"image", "label", "name", ...}``; ``label`` is a list of ``C`` ints.
+
+    Raises:
+        InputDataError: as the reader raises, or a manifest with no line of ``splits``.
+    """
+    if manifest:
+        return _manifest_splits(manifest, num_classes, splits, class_names)
+    return read_labelled_patch_folder(train_dir, num_classes)
+
+
+def patch_mask_datalist(
+    manifest: str | os.PathLike,
+    num_classes: int,
+    splits: str | Sequence[str] = "train",
+    class_names: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """The patches with pixel masks that a segmentation network trains on, from a JSONL manifest such as
+    the one :class:`~common.handlers.pseudo_masks.PseudoMaskWriter` writes next to the pseudo-masks.
+
+    Args:
+        manifest: the ``.jsonl`` file; each line of ``splits`` must carry a ``mask``.
+        num_classes: ``C``, the number of tissue classes.
+        splits: the split (or splits) to keep; a line without ``split`` counts as ``train``.
+        class_names: the ``C`` class names, for image-level labels written as names.
+
+    Returns:
+        Entries ``{"image": patch path, "label": mask path}``, in manifest order: the mask is the
+        training label.
+
+    Raises:
+        InputDataError: as :func:`read_patch_manifest` raises, a manifest with no line of ``splits``, or
+            a line of ``splits`` without a ``mask`` (its patch is named).
+    """
+    entries = _manifest_splits(manifest, num_classes, splits, class_names)
+    for entry in entries:
+        if "mask" not in entry:
+            raise InputDataError(
+                manifest, f"patch {entry['image']} has no 'mask'; training a segmentation network needs one"
+            )
+    return [{"image": entry["image"], "label": entry["mask"]} for entry in entries]
 
 
 def _open_image(path: Path, what: str) -> Image.Image:

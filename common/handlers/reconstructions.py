@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import ignite.distributed as idist
 import numpy as np
@@ -21,7 +22,7 @@ from common.io.atomic import atomic_write
 from common.networks.mae import MaskedAutoencoderViT, random_masking
 from common.utils import unwrap_module
 
-__all__ = ["SaveReconstructionImages", "reconstruction_grid"]
+__all__ = ["SaveReconstructionImages", "first_images", "reconstruction_grid"]
 
 GAP = 2  # pixels of white between panels
 
@@ -57,6 +58,18 @@ def reconstruction_grid(
         rows.append(np.concatenate([row[0], gap, row[1], gap, row[2]], axis=1))
     gap = np.full((GAP, rows[0].shape[1], 3), 255, dtype=np.uint8)
     return np.concatenate([part for row in rows for part in (row, gap)][:-1], axis=0)
+
+
+def first_images(dataset: Sequence[Any], count: int = 4, key: str = "image") -> torch.Tensor:
+    """The ``key`` entries of the first ``count`` samples of ``dataset`` (fewer if it is smaller), stacked
+    into a ``(B, C, H, W)`` tensor: the fixed images :class:`SaveReconstructionImages` pictures.
+
+    Raises:
+        ValueError: ``count`` < 1 or an empty dataset.
+    """
+    if count < 1 or len(dataset) == 0:
+        raise ValueError(f"need count >= 1 and a non-empty dataset, got {count=} and {len(dataset)} samples")
+    return torch.stack([torch.as_tensor(dataset[i][key]) for i in range(min(count, len(dataset)))])
 
 
 class SaveReconstructionImages:

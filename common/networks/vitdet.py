@@ -24,6 +24,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
 from common.networks.timm_backbone import create_vit_backbone
+from common.transforms.intensity import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["SimpleFeaturePyramid", "ViTDetBackbone", "vit_mask_rcnn"]
 
@@ -32,8 +33,6 @@ NORMS = ("LN", None)
 VIT_PATCH_SIZE = 16
 ANCHOR_SIZES = (32, 64, 128, 256, 512)  # one size per pyramid level, strides 4 to 64
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _norm(norm: str | None, channels: int) -> nn.Module:

@@ -1,16 +1,25 @@
-"""Box-aware cropping for point-like detection targets."""
+"""Box-aware transforms for point-like detection targets: a cropping that keeps box centres, and the
+way to run MONAI's box transforms on our x-first boxes.
+
+Boxes here are x-first (``x1, y1, x2, y2``, as in COCO, the CSV readers, :class:`CenterNetTargetd` and the
+writers) on (C, H, W) images. MONAI's box transforms (``monai.apps.detection.transforms``) read box
+coordinate ``k`` along spatial axis ``k`` of the image, i.e. y first; :class:`ImageAxisBoxCompose` runs
+them in that order.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Randomizable, SpatialPad
+from monai.transforms import Compose, MapTransform, Randomizable, SpatialPad
 
-__all__ = ["RandCropBoxesd"]
+from common.transforms.centernet import SwapBoxXYd
+
+__all__ = ["RandCropBoxesd", "ImageAxisBoxCompose"]
 
 
 class RandCropBoxesd(Randomizable, MapTransform):
@@ -67,3 +76,37 @@ class RandCropBoxesd(Randomizable, MapTransform):
         for key in self.box_label_keys:
             d[key] = d[key][keep]
         return d
+
+
+class ImageAxisBoxCompose(Compose):
+    """Run MONAI's box transforms (``RandFlipBoxd``, ``RandRotateBox90d``, ``RandZoomBoxd``, ...) on x-first
+    boxes of (C, H, W) images.
+
+    MONAI's box transforms read box coordinate ``k`` as a position along spatial axis ``k`` of the image,
+    so on a (C, H, W) image they need y-first boxes. This ``Compose`` swaps the boxes of ``box_keys`` to
+    y-first (:class:`~common.transforms.centernet.SwapBoxXYd`), runs ``transforms`` and swaps them back, so
+    a config lists MONAI's transforms unchanged, with ``spatial_axis`` 0 meaning rows (y) and 1 columns
+    (x), for the boxes as for the image. Being a ``Compose``, it seeds its transforms from its own random
+    state (``set_random_state``) and inverts them (``inverse``) in the same axis order.
+
+    Args:
+        transforms: MONAI box-aware dictionary transforms, applied in order to one data dictionary.
+        box_keys: the (N, 4) x-first boxes the transforms move.
+        kwargs: other arguments of ``monai.transforms.Compose`` (``log_stats``, ``lazy``, ...).
+    """
+
+    def __init__(
+        self, transforms: Sequence[Callable] | Callable, box_keys: KeysCollection = "boxes", **kwargs: Any
+    ) -> None:
+        super().__init__(transforms, **kwargs)
+        self.swap = SwapBoxXYd(box_keys)
+
+    def __call__(
+        self, input_: Mapping[Hashable, Any], start: int = 0, end: int | None = None, threading: bool = False,
+        lazy: bool | None = None,
+    ) -> dict[Hashable, Any]:
+        data = super().__call__(self.swap(input_), start=start, end=end, threading=threading, lazy=lazy)
+        return self.swap(data)
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        return self.swap(super().inverse(self.swap(data)))

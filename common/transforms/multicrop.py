@@ -21,9 +21,9 @@ import torchvision.transforms.v2.functional as TF
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import convert_to_tensor
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from common.errors import InputDataError
+from common.transforms.intensity import NormalizeImageNet
 
 __all__ = ["MultiCropViewsd"]
 
@@ -32,6 +32,7 @@ BRIGHTNESS, CONTRAST, SATURATION = 0.4, 0.4, 0.2
 BLUR_SIGMA = (0.1, 2.0)
 LOCAL_BLUR_PROB = 0.5
 SOLARIZE_PROB = 0.2
+_NORMALIZE = NormalizeImageNet(input_max=1.0)  # views are in 0..1 after the colour operations
 
 
 @dataclass
@@ -195,7 +196,7 @@ class MultiCropViewsd(MapTransform, Randomizable):
             x = TF.gaussian_blur(x, kernel_size=[kernel, kernel], sigma=[p.blur_sigma, p.blur_sigma])
         if p.solarize:
             x = TF.solarize(x, threshold=0.5)
-        return TF.normalize(x, mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD))
+        return _NORMALIZE(x)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -24,9 +24,7 @@ from common.data.cytology import BETHESDA_CLASSES
 from common.data.synthetic.smears import synthesize_smear
 from common.networks.centernet import CenterNet
 from common.postprocessing.centernet import decode_centres
-
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+from common.transforms.intensity import NormalizeImageNet
 
 
 class Stopwatch:
@@ -69,7 +67,7 @@ def main() -> None:
     watch = Stopwatch(device)
 
     def prepare(pixels: np.ndarray) -> torch.Tensor:
-        return ((torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - MEAN) / STD).to(device)
+        return NormalizeImageNet(input_max=255)(torch.from_numpy(pixels).permute(2, 0, 1)).to(device)
 
     def classify(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         logits = []

@@ -23,9 +23,7 @@ from common.data.synthetic.cells import synthesize_cell_image
 from common.io.checkpoint import extract_state_dict, load_checkpoint
 from common.networks.vit_unet import ViTUNet
 from common.postprocessing.watershed import distance_map_watershed
-
-IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+from common.transforms.intensity import NormalizeImageNet
 
 
 def main() -> None:
@@ -47,7 +45,7 @@ def main() -> None:
         network.load_state_dict(extract_state_dict(load_checkpoint(args.model_file)))
     pixels, _ = synthesize_cell_image(np.random.default_rng(0), (args.size, args.size), "phase")
     image = torch.from_numpy(pixels)[None, None].float().expand(1, 3, -1, -1)  # grey repeated to RGB
-    image = ((image - IMAGENET_MEAN) / IMAGENET_STD).to(device)
+    image = NormalizeImageNet(input_max=255)(image).to(device)
     inferer = SlidingWindowInferer(
         roi_size=(args.roi, args.roi), sw_batch_size=args.sw_batch_size, overlap=0.25, mode="gaussian", padding_mode="reflect"
     )

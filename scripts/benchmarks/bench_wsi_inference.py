@@ -30,9 +30,7 @@ from benchmark_utils import save_report
 
 from common.data.wsi import write_pyramid_tiff
 from common.inferers.wsi import segment_slide
-
-IMAGENET_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+from common.transforms.intensity import NormalizeImageNet
 NUM_CLASSES = 5  # four tissue classes and background
 _PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -127,7 +125,6 @@ def main() -> None:
     device = torch.device(args.device)
     network, network_description = build_network(args.backbone)
     network = network.to(device).eval()
-    mean, std = IMAGENET_MEAN.to(device), IMAGENET_STD.to(device)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_wsi_"))
     results: list[dict[str, Any]] = []
     try:
@@ -147,7 +144,7 @@ def main() -> None:
                     batch_size=args.batch_size,
                     device=device,
                     amp=args.amp,
-                    preprocess=lambda x: (x - mean) / std,
+                    preprocess=NormalizeImageNet(input_max=255),
                 )
             seconds, network_seconds = summary["seconds"]["total"], summary["seconds"]["network"]
             tiles = summary["tiles"]

@@ -11,6 +11,8 @@ from common.data.histopathology import (
     CLASS_COLOURS,
     mask_palette,
     parse_label_vector,
+    patch_label_datalist,
+    patch_mask_datalist,
     read_labelled_patch_folder,
     read_mask,
     read_patch_manifest,
@@ -208,6 +210,64 @@ def test_manifest_needs_class_names_for_named_labels_and_some_patches(tmp_path):
         read_patch_manifest(empty, 4)
     with pytest.raises(InputDataError, match="absent.jsonl: manifest file not found"):
         read_patch_manifest(tmp_path / "absent.jsonl", 4)
+
+
+# ------------------------------------------------------------------------------- training datalists
+
+
+def split_manifest(tmp_path: Path) -> Path:
+    """Three patches: one in train, one in val, one without a split (train); all but the val one masked."""
+    for name in ("a", "b", "c"):
+        write_rgb(tmp_path / "patches" / f"{name}.png")
+        save_mask(tmp_path / "masks" / f"{name}.png", quadrants())
+    return write_manifest(
+        tmp_path / "m.jsonl",
+        [
+            {"image": "patches/a.png", "label": [1, 0, 1, 0], "mask": "masks/a.png", "split": "train"},
+            {"image": "patches/b.png", "label": ["necrosis"], "split": "val"},
+            {"image": "patches/c.png", "label": [0, 0, 1, 0], "mask": "masks/c.png"},
+        ],
+    )
+
+
+def test_patch_labels_come_from_the_folder_without_a_manifest(tmp_path):
+    write_rgb(tmp_path / "train" / "p-[1 0 0 1].png")
+    assert patch_label_datalist(tmp_path / "train", 4) == read_labelled_patch_folder(tmp_path / "train", 4)
+    assert patch_label_datalist(tmp_path / "train", 4, manifest="") == read_labelled_patch_folder(
+        tmp_path / "train", 4
+    )
+
+
+def test_patch_labels_come_from_the_manifest_splits_when_given(tmp_path):
+    manifest = split_manifest(tmp_path)
+    entries = patch_label_datalist(tmp_path / "absent", 4, manifest=manifest, class_names=NAMES)
+    assert [e["name"] for e in entries] == ["a", "c"]  # a line without a split is a training line
+    assert entries[0]["label"] == [1, 0, 1, 0] and entries[0]["split"] == "train"
+    val = patch_label_datalist(tmp_path / "absent", 4, manifest=manifest, class_names=NAMES, splits="val")
+    assert [(e["name"], e["label"]) for e in val] == [("b", [0, 1, 0, 0])]
+    both = patch_label_datalist(None, 4, manifest=manifest, class_names=NAMES, splits=["train", "val"])
+    assert [e["name"] for e in both] == ["a", "b", "c"]
+
+
+def test_patch_masks_pair_each_training_patch_with_its_mask(tmp_path):
+    manifest = split_manifest(tmp_path)
+    assert patch_mask_datalist(manifest, 4, class_names=NAMES) == [
+        {"image": str(tmp_path / "patches" / "a.png"), "label": str(tmp_path / "masks" / "a.png")},
+        {"image": str(tmp_path / "patches" / "c.png"), "label": str(tmp_path / "masks" / "c.png")},
+    ]
+    assert len(patch_mask_datalist(manifest, 4, splits=("train",), class_names=NAMES)) == 2
+
+
+def test_training_datalists_name_what_is_missing(tmp_path):
+    manifest = split_manifest(tmp_path)
+    with pytest.raises(InputDataError, match=r"b\.png has no 'mask'"):
+        patch_mask_datalist(manifest, 4, splits=["train", "val"], class_names=NAMES)
+    with pytest.raises(InputDataError, match=r"m\.jsonl: manifest lists no patches of split test"):
+        patch_mask_datalist(manifest, 4, splits="test", class_names=NAMES)
+    with pytest.raises(InputDataError, match="lists no patches of split test"):
+        patch_label_datalist(None, 4, manifest=manifest, class_names=NAMES, splits="test")
+    with pytest.raises(ValueError, match="splits must be"):
+        patch_mask_datalist(manifest, 4, splits=[], class_names=NAMES)
 
 
 # -------------------------------------------------------------------------------------- masks

@@ -4,7 +4,7 @@ import torch
 from ignite.engine import Engine
 from PIL import Image
 
-from common.handlers.reconstructions import SaveReconstructionImages, reconstruction_grid
+from common.handlers.reconstructions import SaveReconstructionImages, first_images, reconstruction_grid
 from common.networks.mae import MaskedAutoencoderViT
 
 TINY = {"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2}
@@ -67,3 +67,12 @@ def test_invalid_arguments(model, tmp_path):
         SaveReconstructionImages(model, torch.zeros(1, 3, 30, 32), tmp_path)
     with pytest.raises(TypeError, match="MaskedAutoencoderViT"):
         SaveReconstructionImages(torch.nn.Linear(2, 2), torch.zeros(1, 3, 32, 32), tmp_path)
+
+
+def test_first_images_stacks_at_most_count_samples():
+    dataset = [{"image": torch.full((3, 4, 4), float(i)), "label": i} for i in range(3)]
+    assert first_images(dataset, count=2).shape == (2, 3, 4, 4)
+    stacked = first_images(dataset, count=5)
+    assert stacked.shape == (3, 3, 4, 4) and stacked[2].eq(2).all()
+    with pytest.raises(ValueError, match="non-empty dataset"):
+        first_images([], count=4)

@@ -20,6 +20,7 @@ from monai.transforms import Compose, RandTorchVisiond, ScaleIntensityRanged
 from scipy import ndimage
 
 from common.postprocessing.centernet import decode_centres
+from common.transforms.boxes import ImageAxisBoxCompose
 from common.transforms.centernet import CenterNetTargetd, SwapBoxXYd
 
 HEIGHT, WIDTH = 64, 96
@@ -126,3 +127,44 @@ def test_training_chain_puts_target_peaks_on_the_blobs():
         points = points.numpy()[np.argsort(points[:, 0].numpy())]
         np.testing.assert_allclose(points, blob_centres(out["image"]), atol=1.0)
     assert shapes == {(HEIGHT, WIDTH), (WIDTH, HEIGHT)}  # some draws rotated, some not
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_image_axis_box_compose_moves_boxes_with_the_image(name):
+    """The one-transform way configs write it: MONAI's box transforms listed as they are."""
+    out = ImageAxisBoxCompose([TRANSFORMS[name]], box_keys="boxes").set_random_state(0)(sample())
+    blobs, centres = blob_centres(out["image"]), box_centres(out["boxes"])
+    assert len(blobs) == len(centres) == 3
+    np.testing.assert_allclose(blobs, centres, atol=1.0)
+    assert out["boxes"].shape == (3, 4)
+
+
+def test_image_axis_box_compose_is_seeded_and_leaves_other_keys_alone():
+    def chain():
+        return Compose(
+            [
+                ImageAxisBoxCompose(
+                    [
+                        RandFlipBoxd(prob=0.5, spatial_axis=0, **BOX_ARGS),
+                        RandRotateBox90d(prob=0.75, max_k=3, **BOX_ARGS),
+                        RandZoomBoxd(prob=0.5, min_zoom=0.8, max_zoom=1.2, mode="bilinear", **BOX_ARGS),
+                    ]
+                )
+            ]
+        )
+
+    first, second = chain().set_random_state(3), chain().set_random_state(3)
+    for _ in range(4):
+        data = {**sample(), "labels": np.arange(3)}
+        a, b = first(dict(data)), second(dict(data))
+        np.testing.assert_array_equal(np.asarray(a["boxes"]), np.asarray(b["boxes"]))
+        np.testing.assert_array_equal(a["labels"], data["labels"])
+        np.testing.assert_allclose(blob_centres(a["image"]), box_centres(a["boxes"]), atol=1.0)
+
+
+def test_image_axis_box_compose_inverts_in_the_same_axis_order():
+    data = sample()
+    transform = ImageAxisBoxCompose([FlipBoxd(spatial_axis=1, **BOX_ARGS), RotateBox90d(k=1, **BOX_ARGS)])
+    restored = transform.inverse(transform(data))
+    np.testing.assert_allclose(np.asarray(restored["boxes"]), data["boxes"], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(restored["image"]), np.asarray(data["image"]), atol=1e-5)

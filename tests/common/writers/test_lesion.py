@@ -4,12 +4,13 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
+from common.transforms.intensity import IMAGENET_MEAN, IMAGENET_STD
 from common.writers.lesion import SaveLesionOutputsd, write_lesion_overlay
 
 
 def test_overlay_outlines_the_mask_on_a_normalised_image(tmp_path):
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
     ramp = torch.linspace(0, 1, 48).expand(3, 40, 48)
     image = (ramp - mean) / std
     mask = np.zeros((40, 48), dtype=bool)
