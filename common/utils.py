@@ -72,11 +72,12 @@ def file_stem(path: str | os.PathLike) -> str:
     return stem.stem if stem.suffix.lower() in _DOUBLE_SUFFIXES else stem.name
 
 
-def require_dir(path: str | os.PathLike, what: str = "folder") -> Path:
-    """``path`` as a ``Path``, or an :class:`InputDataError` saying that ``what`` was not found."""
+def require_dir(path: str | os.PathLike, what: str = "folder", remedy: str | None = None) -> Path:
+    """``path`` as a ``Path``, or an :class:`InputDataError` saying that ``what`` was not found (and
+    ``remedy``, how to create it)."""
     path = Path(path)
     if not path.is_dir():
-        raise InputDataError(path, f"{what} not found")
+        raise InputDataError(path, f"{what} not found", remedy)
     return path
 
 

@@ -6,11 +6,13 @@ into a user's first run on their own data. :func:`verify_bundle` finds them in s
 but the network, and reports every problem at once, each naming the file at fault. It parses configs
 with ``monai.bundle.ConfigParser``, resolves targets with MONAI's ``ComponentLocator`` and exports with
 ``monai.bundle.ckpt_export``, so what passes here is what ``python -m monai.bundle run`` accepts.
+The network is built under :func:`~common.networks.timm_backbone.architecture_only`: the checks need its
+architecture, not its weights, so they run offline and in a fresh clone without earlier stages' weights.
 
 Command line::
 
     python -m common.bundle.verify bundles/<name> [bundles/<other> ...] [--no-export]
-    python -m common.bundle.verify --all --override network_def#pretrained=false
+    python -m common.bundle.verify --all [--override ID=VALUE ...]
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from monai.bundle.utils import DEPRECATED_ID_MAPPING, EXPR_KEY, ID_REF_KEY, ID_S
 from monai.utils import get_equivalent_dtype
 
 from common.io.checkpoint import save_checkpoint
+from common.networks.timm_backbone import architecture_only
 
 __all__ = [
     "REQUIRED_FILES",
@@ -166,8 +169,8 @@ def verify_bundle(
         bundle_dir: the bundle folder, e.g. ``bundles/microscopy_dinocell_segmentation``.
         export: also export ``network_def`` to TorchScript with ``ckpt_export`` and compare outputs.
         overrides: config id -> value, applied to every config that defines the id, as on the
-            ``monai.bundle run`` command line; e.g. ``{"network_def#pretrained": False}`` to verify
-            offline a bundle whose network downloads weights when built.
+            ``monai.bundle run`` command line, e.g. ``{"backbone": "vit_small_patch16_224"}`` to verify
+            a variant.
         n, p, any_size: values for ``n``, ``p`` and ``"*"`` in metadata ``spatial_shape`` entries
             (``"16*n"``, ``"32**p"``), as in ``monai.bundle verify_net_in_out``. ``n=2`` rather than 1
             gives networks that downsample at least two steps per spatial unit.
@@ -184,7 +187,8 @@ def verify_bundle(
     overrides = dict(overrides or {})
     configs, parse_check = _parse_configs(bundle, metadata, overrides)
     report.checks += [parse_check, _check_targets(configs), _check_references(configs)]
-    report.checks += _check_network(bundle, metadata, configs, export, overrides, n=n, p=p, any_size=any_size)
+    with architecture_only():
+        report.checks += _check_network(bundle, metadata, configs, export, overrides, n, p, any_size)
     return report
 
 
@@ -598,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_parse_override,
         metavar="ID=VALUE",
         help="set a config id in every config that defines it, VALUE read as JSON if it parses, "
-        "e.g. --override network_def#pretrained=false",
+        "e.g. --override backbone=vit_small_patch16_224",
     )
     args = parser.parse_args(argv)
     bundles = list(args.bundles)

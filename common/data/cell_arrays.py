@@ -43,6 +43,12 @@ __all__ = ["DATASET_FILES", "build_cell_arrays", "CellArrayDataset", "main"]
 
 logger = logging.getLogger(__name__)
 
+CELL_ARRAYS_REMEDY = (
+    "convert your data with `python -m common.data.cell_arrays --format cellpose|livecell|folders "
+    "--input DIR --splits train val test --output DATASET_DIR`; for demo data first run "
+    "`python -m common.data.synthetic.cells --output RAW` and convert RAW with --format cellpose"
+)
+
 IMAGES, DIST_MAPS, INSTANCES = "imgs.npy", "dist_maps.npy", "anns.npy"
 SIZES, NAMES = "sizes.npy", "names.json"
 DATASET_FILES = (IMAGES, DIST_MAPS, INSTANCES, SIZES, NAMES)
@@ -124,7 +130,7 @@ def build_cell_arrays(samples: Sequence[CellSample], output_dir: str | os.PathLi
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a .npy file from its header, checking the file holds all the data."""
     if not path.is_file():
-        raise InputDataError(path, "file not found (not a cell-array dataset folder?)")
+        raise InputDataError(path, "file not found (not a cell-array dataset folder?)", CELL_ARRAYS_REMEDY)
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -179,7 +185,7 @@ class CellArrayDataset(Dataset):
             raise ValueError(f"keys must be a non-empty subset of {sorted(self._FILES)}, got {list(keys)}")
         self.root = Path(root)
         if not self.root.is_dir():
-            raise InputDataError(self.root, "dataset folder not found")
+            raise InputDataError(self.root, "dataset folder not found", CELL_ARRAYS_REMEDY)
         self.transform = transform
         self.keys = tuple(keys)
         self.names = self._read_names()
@@ -192,7 +198,9 @@ class CellArrayDataset(Dataset):
     def _read_names(self) -> list[str]:
         path = self.root / NAMES
         if not path.is_file():
-            raise InputDataError(path, "file not found (not a cell-array dataset folder?)")
+            raise InputDataError(
+                path, "file not found (not a cell-array dataset folder?)", CELL_ARRAYS_REMEDY
+            )
         try:
             names = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -40,6 +40,12 @@ from common.errors import InputDataError
 
 __all__ = ["read_coco_instances", "decode_segmentations", "CocoInstancesd"]
 
+COCO_INSTANCES_REMEDY = (
+    "convert binary masks with `python -m common.data.mask_to_coco --images IMAGES --masks MASKS "
+    "--output DATASET_DIR/coco` (`--format isic` for ISIC folders); for demo data run "
+    "`python -m common.data.synthetic.dermoscopy --output DIR`, then mask_to_coco on DIR/labelled"
+)
+
 
 def _int_field(record: dict[str, Any], key: str, path: Path, what: str) -> int:
     """``record[key]``, which must be an integer (COCO ids and sizes)."""
@@ -95,6 +101,8 @@ def read_coco_instances(
     if class_names is not None and (not class_names or len(set(class_names)) != len(class_names)):
         raise ValueError(f"class_names must be distinct and non-empty, got {class_names!r}")
     path = Path(path)
+    if not path.is_file():
+        raise InputDataError(path, "file not found", COCO_INSTANCES_REMEDY)
     coco = load_coco(path)
     images, annotations, categories = (
         coco_records(coco, key, path) for key in ("images", "annotations", "categories")

@@ -40,6 +40,12 @@ __all__ = [
     "class_counts",
 ]
 
+CYTOLOGY_REMEDY = (
+    "lay your data out as DATASET_DIR/{train,val,test}/images with annotations.csv "
+    "(image_filename,x,y,width,height,class) or a COCO annotations.json, or write demo smears with "
+    "`python -m common.data.synthetic.smears --output DATASET_DIR`"
+)
+
 BETHESDA_CLASSES = ("NILM", "ENDO", "INFL", "ASCUS", "LSIL", "HSIL", "ASCH", "SCC")
 ANNOTATION_COLUMNS = ("image_filename", "x", "y", "width", "height", "class")
 
@@ -135,7 +141,8 @@ class _ImageSizes:
             try:
                 self._sizes[name] = image_size(path)
             except InputDataError as err:
-                raise InputDataError(path, f"{err.problem} (referenced by {source}, {where})") from err
+                problem = f"{err.problem} (referenced by {source}, {where})"
+                raise InputDataError(path, problem, err.remedy) from err
         return self._sizes[name]
 
 
@@ -316,7 +323,9 @@ def read_split(
     """
     folder = Path(root) / split
     if not folder.is_dir():
-        raise InputDataError(folder, f"split folder not found; expected {folder}/images and annotations.csv")
+        raise InputDataError(
+            folder, f"split folder not found; expected {folder}/images and annotations.csv", CYTOLOGY_REMEDY
+        )
     csv_file, json_file = folder / "annotations.csv", folder / "annotations.json"
     if csv_file.is_file() and json_file.is_file():
         raise InputDataError(folder, "holds both annotations.csv and annotations.json; keep one")

@@ -59,6 +59,17 @@ __all__ = [
     "write_mask",
 ]
 
+PATCHES_REMEDY = (
+    "put LUAD-HistoSeg or BCSS-WSSS patches under DATASET_DIR/{training,val,test} (or point --train_dir "
+    "at your labelled patches), or write demo patches with "
+    "`python -m common.data.synthetic.histology --out DATASET_DIR`"
+)
+PSEUDO_MASKS_REMEDY = (
+    "stage 2 trains on stage 1's pseudo-masks: train the CAM classifier (train_cam.json), then write "
+    "them with `python -m monai.bundle run pseudo_labelling --config_file \"['<bundle>/configs/train_cam.json',"
+    "'<bundle>/configs/pseudo_masks.json']\"` and the same --dataset_dir and --bundle_root"
+)
+
 DEFAULT_CLASS_NAMES = ("tumour epithelium", "necrosis", "lymphocyte", "tumour-associated stroma")
 BACKGROUND = "background"
 IGNORE_INDEX = 255
@@ -180,7 +191,7 @@ def read_labelled_patch_folder(
             patches with the same name (in different subfolders).
     """
     _check_num_classes(num_classes)
-    folder = require_dir(folder)
+    folder = require_dir(folder, remedy=PATCHES_REMEDY)
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     paths = sorted(
         p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and _is_visible(p, folder)
@@ -242,6 +253,7 @@ def read_patch_manifest(
     num_classes: int,
     base_dir: str | os.PathLike | None = None,
     class_names: Sequence[str] | None = None,
+    remedy: str | None = None,
 ) -> list[dict[str, Any]]:
     """Entries of a JSONL manifest, one patch per line (format in the module docstring).
 
@@ -265,7 +277,7 @@ def read_patch_manifest(
         raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
     path = Path(path)
     if not path.is_file():
-        raise InputDataError(path, "manifest file not found")
+        raise InputDataError(path, "manifest file not found", remedy)
     root = path.parent if base_dir is None else Path(base_dir)
     entries = []
     with open(path, encoding="utf-8") as lines:
@@ -310,12 +322,13 @@ def _manifest_splits(
     num_classes: int,
     splits: str | Sequence[str],
     class_names: Sequence[str] | None = None,
+    remedy: str | None = None,
 ) -> list[dict[str, Any]]:
     """The entries of ``manifest`` of ``splits``; a line without a ``split`` counts as ``train``."""
     names = _split_names(splits)
     entries = [
         entry
-        for entry in read_patch_manifest(manifest, num_classes, class_names=class_names)
+        for entry in read_patch_manifest(manifest, num_classes, class_names=class_names, remedy=remedy)
         if entry.get("split", "train") in names
     ]
     if not entries:
@@ -359,6 +372,7 @@ def patch_mask_datalist(
     num_classes: int,
     splits: str | Sequence[str] = "train",
     class_names: Sequence[str] | None = None,
+    remedy: str | None = PSEUDO_MASKS_REMEDY,
 ) -> list[dict[str, Any]]:
     """The patches with pixel masks that a segmentation network trains on, from a JSONL manifest such as
     the one :class:`~common.handlers.pseudo_masks.PseudoMaskWriter` writes next to the pseudo-masks.
@@ -368,6 +382,7 @@ def patch_mask_datalist(
         num_classes: ``C``, the number of tissue classes.
         splits: the split (or splits) to keep; a line without ``split`` counts as ``train``.
         class_names: the ``C`` class names, for image-level labels written as names.
+        remedy: what a missing manifest's error tells the user to do (by default, write the pseudo-masks).
 
     Returns:
         Entries ``{"image": patch path, "label": mask path}``, in manifest order: the mask is the
@@ -377,7 +392,7 @@ def patch_mask_datalist(
         InputDataError: as :func:`read_patch_manifest` raises, a manifest with no line of ``splits``, or
             a line of ``splits`` without a ``mask`` (its patch is named).
     """
-    entries = _manifest_splits(manifest, num_classes, splits, class_names)
+    entries = _manifest_splits(manifest, num_classes, splits, class_names, remedy)
     for entry in entries:
         if "mask" not in entry:
             raise InputDataError(
@@ -456,7 +471,8 @@ def read_segmentation_folder(
             differs from its image's (both named), or a bad mask (see :func:`read_mask`).
     """
     _check_num_classes(num_classes)
-    image_dir, mask_dir = require_dir(image_dir), require_dir(mask_dir)
+    image_dir = require_dir(image_dir, remedy=PATCHES_REMEDY)
+    mask_dir = require_dir(mask_dir, remedy=PATCHES_REMEDY)
     images = sorted(
         p
         for p in image_dir.iterdir()

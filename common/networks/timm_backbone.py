@@ -37,6 +37,12 @@ __all__ = [
     "save_backbone",
 ]
 
+BACKBONE_REMEDY = (
+    "write it first with the bundle's self-supervised pretraining (`python -m monai.bundle run pretraining "
+    "--config_file <bundle>/configs/pretrain.json` with the same --bundle_root), or start from timm's "
+    "weights instead with `--backbone_checkpoint \"\"`"
+)
+
 logger = logging.getLogger(__name__)
 
 # Wrappers that prefix backbone keys: DistributedDataParallel, DINO/MAE models, encoder-decoder nets.
@@ -171,6 +177,8 @@ def load_backbone_weights(
     """
     if _ARCHITECTURE_ONLY.get():
         return
+    if not Path(path).is_file():
+        raise InputDataError(path, "backbone checkpoint not found", BACKBONE_REMEDY)
     checkpoint = load_checkpoint(path, sha256=sha256)
     try:
         state_dict = extract_state_dict(checkpoint, key)

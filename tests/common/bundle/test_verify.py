@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+import timm.models._builder
 
 from common.bundle.verify import CheckResult, VerificationReport, load_metadata_schema, main, verify_bundle
+from common.networks.timm_backbone import create_timm_model
 
 TENSOR = {
     "type": "image",
@@ -425,3 +428,40 @@ def test_detection_network_outputs_are_checked_by_keys(tmp_path, files, keys, ok
         assert not found, found
     else:
         assert "['keypoints']" in found["network in/out"]
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Fetching timm weights, or any connection, fails the test."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_network_is_built_without_its_weights(tmp_path, files, no_downloads):
+    """Configs ask for published weights and an earlier stage's checkpoint: the checks need neither."""
+    files["configs/train.json"].update(
+        pretrained=True,
+        backbone_checkpoint="$@bundle_root + '/models/ssl_backbone.pt'",  # absent in a fresh clone
+        network_def={
+            "_target_": "common.networks.vit_unet.ViTUNet",
+            "backbone": "vit_small_patch8_224.dino",
+            "pretrained": "@pretrained",
+            "backbone_checkpoint": "@backbone_checkpoint",
+            "in_channels": 1,
+            "out_channels": 2,
+            "decoder_channels": [8, 8, 8, 8],
+            "out_activation": None,
+            "depth": 4,
+            "embed_dim": 32,
+            "num_heads": 2,
+        },
+    )
+    files["configs/metadata.json"]["torchscript"] = {"exportable": True, "use_trace": True}
+    report = verify_bundle(write_bundle(tmp_path / "pretrained", files))
+    assert report.ok, report.format()
+    with pytest.raises(AssertionError, match="tried to download"):  # weights are still fetched elsewhere
+        create_timm_model("vit_small_patch8_224.dino", pretrained=True)
