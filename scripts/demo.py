@@ -1,9 +1,24 @@
-"""Run every bundle's demo (``bundles/*/configs/demo.json``) and write a report under ``reports/``.
+"""Run every bundle's demo and write a report under ``reports/``.
 
-Each demo.json lists shell-free commands with the placeholders ``{python}`` (this interpreter),
+Two settings per bundle:
+
+- default: ``bundles/<bundle>/configs/demo.json``, short enough that all bundles together finish in
+  well under 30 minutes on 2 idle CPU cores (each model still beats its baseline);
+- ``--full``: ``bundles/<bundle>/configs/demo_full.json``, the longer settings the model cards' "full
+  demo" figures were measured with (about 100 minutes for all bundles on 2 CPU cores). A bundle without
+  a demo_full.json runs its demo.json.
+
+Each file lists shell-free commands with the placeholders ``{python}`` (this interpreter),
 ``{bundle}`` (the bundle folder), ``{data}`` (its demo data folder) and ``{work}`` (the folder that
 receives its models, logs and outputs, used as ``bundle_root`` so the source tree stays clean), and a
-``report`` section naming metric files and images. Logs of every step go to ``reports/<bundle>/logs``.
+``report`` section naming metric files and images. Logs of every step go to ``reports/<bundle>/logs``;
+each finished step prints its wall-clock time and the running totals, and ``summary.json`` keeps per
+step the wall-clock seconds, the CPU seconds of the step's process and the 1-minute load average at its
+end (wall-clock time on shared cores is inflated; the load average says by how much).
+
+    ./scripts/demo.sh                                    # default settings, every bundle
+    ./scripts/demo.sh --full                             # the longer settings
+    ./scripts/demo.sh --bundles pathology_wsss_deeplab   # one bundle
 """
 
 from __future__ import annotations
@@ -11,6 +26,8 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -26,20 +43,52 @@ def substitute(text: str, values: dict[str, str]) -> str:
     return text
 
 
-def run_steps(name: str, spec: dict, values: dict[str, str], log_dir: Path) -> list[dict]:
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_steps(name: str, spec: dict, values: dict[str, str], log_dir: Path, started: float) -> list[dict]:
+    """Run the steps in order and print each one's time and the running totals (``started``: demo start)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     timings = []
+    bundle_seconds = 0.0
+    count = len(spec["steps"])
     for index, step in enumerate(spec["steps"], start=1):
         command = [substitute(part, values) for part in step["command"]]
         log_file = log_dir / f"{index:02d}_{step['name'].replace(' ', '_')}.log"
-        print(f"[{name}] {index}/{len(spec['steps'])} {step['name']} (log: {log_file})", flush=True)
+        print(f"[{name}] {index}/{count} {step['name']} (log: {log_file})", flush=True)
         start = time.perf_counter()
+        cpu_start = children_cpu_seconds()
         with open(log_file, "w") as log:
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
             result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - start
-        timings.append({"step": step["name"], "seconds": round(seconds, 1), "returncode": result.returncode})
+        cpu_seconds = children_cpu_seconds() - cpu_start
+        load = os.getloadavg()[0]
+        bundle_seconds += seconds
+        timings.append(
+            {
+                "step": step["name"],
+                "seconds": round(seconds, 1),
+                "cpu_seconds": round(cpu_seconds, 1),
+                "load_avg_1min": round(load, 2),
+                "returncode": result.returncode,
+            }
+        )
+        print(
+            f"[{name}] {index}/{count} {step['name']}: {format_seconds(seconds)} "
+            f"(CPU {format_seconds(cpu_seconds)}, load {load:.1f}); "
+            f"{name} so far {format_seconds(bundle_seconds)}, "
+            f"demo so far {format_seconds(time.perf_counter() - started)}",
+            flush=True,
+        )
         if result.returncode != 0:
             tail = log_file.read_text().splitlines()[-30:]
             raise SystemExit(f"[{name}] step '{step['name']}' failed ({result.returncode}); last lines of {log_file}:\n" + "\n".join(tail))
@@ -58,7 +107,9 @@ def metrics_table(report: dict, values: dict[str, str]) -> tuple[list[str], list
     return columns, rows
 
 
-def write_report(name: str, spec: dict, values: dict[str, str], timings: list[dict], report_dir: Path) -> dict:
+def write_report(
+    name: str, spec: dict, values: dict[str, str], timings: list[dict], report_dir: Path, settings: str
+) -> dict:
     columns, rows = metrics_table(spec["report"], values)
     image_dir = report_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -68,23 +119,38 @@ def write_report(name: str, spec: dict, values: dict[str, str], timings: list[di
             target = image_dir / Path(path).name
             shutil.copyfile(path, target)
             images.append(target.name)
-    lines = [f"# {name}: demo report", "", spec.get("description", ""), "", "## Metrics", ""]
+    total = sum(t["seconds"] for t in timings)
+    lines = [f"# {name}: demo report", "", f"Settings: `{settings}`.", "", spec.get("description", "")]
+    lines += ["", "## Metrics", ""]
     lines += ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
         cells = [f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns]
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Steps", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {t['step']} | {t['seconds']} |" for t in timings]
+    lines += ["", "## Steps", "", "| step | seconds | CPU seconds | load average (1 min) at its end |"]
+    lines += ["|---|---|---|---|"]
+    lines += [
+        f"| {t['step']} | {t['seconds']} | {t.get('cpu_seconds', '-')} | {t.get('load_avg_1min', '-')} |"
+        for t in timings
+    ]
+    lines += [f"| total | {total:.1f} ({total / 60:.1f} min) | | |"]
     lines += ["", "## Overlays", ""] + [f"![{img}](images/{img})" for img in images]
     (report_dir / "README.md").write_text("\n".join(lines) + "\n")
-    summary = {"bundle": name, "headline": spec["report"]["headline"], "metrics": rows, "steps": timings, "images": images}
+    summary = {
+        "bundle": name,
+        "settings": settings,
+        "headline": spec["report"]["headline"],
+        "metrics": rows,
+        "steps": timings,
+        "minutes": round(total / 60, 1),
+        "images": images,
+    }
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def write_index(reports: Path) -> None:
     """reports/README.md: one row per bundle report present, including those of earlier runs."""
-    index = ["# Demo reports", "", "| bundle | headline metrics | minutes |", "|---|---|---|"]
+    index = ["# Demo reports", "", "| bundle | settings | headline metrics | minutes |", "|---|---|---|---|"]
     for summary_file in sorted(reports.glob("*/summary.json")):
         s = json.loads(summary_file.read_text())
         headline = "; ".join(
@@ -92,7 +158,9 @@ def write_index(reports: Path) -> None:
             for r in s["metrics"]
         )
         minutes = sum(t["seconds"] for t in s["steps"]) / 60
-        index.append(f"| [{s['bundle']}]({s['bundle']}/README.md) | {headline} | {minutes:.1f} |")
+        settings = s.get("settings", "-")
+        link = f"[{s['bundle']}]({s['bundle']}/README.md)"
+        index.append(f"| {link} | {settings} | {headline} | {minutes:.1f} |")
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "README.md").write_text("\n".join(index) + "\n")
 
@@ -104,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-root", default="runs/demo", help="where demo models and outputs are written")
     parser.add_argument("--reports", default="reports", help="report folder")
     parser.add_argument("--report-only", action="store_true", help="rebuild the reports from an earlier run's outputs")
+    parser.add_argument(
+        "--full", action="store_true", help="longer settings: configs/demo_full.json where a bundle has one"
+    )
     args = parser.parse_args(argv)
 
+    started = time.perf_counter()
     bundle_dirs = sorted(p.parents[1] for p in (ROOT / "bundles").glob("*/configs/demo.json"))
     if args.bundles:
         bundle_dirs = [d for d in bundle_dirs if d.name in args.bundles]
@@ -120,17 +192,22 @@ def main(argv: list[str] | None = None) -> int:
             "data": str(Path(args.data_root) / name),
             "work": str(Path(args.work_root) / name),
         }
-        spec = json.loads((bundle_dir / "configs" / "demo.json").read_text())
+        spec_file = bundle_dir / "configs" / "demo.json"
+        if args.full and (bundle_dir / "configs" / "demo_full.json").is_file():
+            spec_file = bundle_dir / "configs" / "demo_full.json"
+        spec = json.loads(spec_file.read_text())
+        settings = str(spec_file.relative_to(ROOT))
         report_dir = ROOT / args.reports / name
         if args.report_only:
             timings = json.loads((report_dir / "summary.json").read_text())["steps"]
         else:
-            timings = run_steps(name, spec, values, report_dir / "logs")
-        write_report(name, spec, values, timings, report_dir)
+            timings = run_steps(name, spec, values, report_dir / "logs", started)
+        write_report(name, spec, values, timings, report_dir, settings)
         print(f"[{name}] report: {report_dir / 'README.md'}", flush=True)
 
     write_index(ROOT / args.reports)
-    print(f"wrote {Path(args.reports) / 'README.md'}")
+    elapsed = format_seconds(time.perf_counter() - started)
+    print(f"wrote {Path(args.reports) / 'README.md'} ({elapsed} in all)")
     return 0
 
 
