@@ -46,12 +46,13 @@ __all__ = [
     "LABEL_SUFFIXES",
     "CellSample",
     "image_size",
-    "read_image",
-    "read_label_image",
     "rasterize_coco_instances",
-    "read_livecell",
     "read_cellpose_folder",
+    "read_image",
     "read_image_label_folders",
+    "read_label_image",
+    "read_livecell",
+    "scale_to_uint8",
 ]
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def _read_pixels(path: str | os.PathLike, palette_to_rgb: bool) -> np.ndarray:
     return pixels
 
 
-def _scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
+def scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Map 0.5..99.5 percentiles to 0..255, falling back to min..max for images that are almost
     all one value (sparse fluorescence), where both percentiles coincide."""
     pixels = pixels.astype(np.float32)
@@ -207,7 +208,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if pixels.min() == pixels.max():
         raise InputDataError(path, "image is empty (all pixels equal)")
     if pixels.dtype != np.uint8:
-        pixels = _scale_to_uint8(pixels)
+        pixels = scale_to_uint8(pixels)
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[..., None], 3, axis=2)
     return np.ascontiguousarray(pixels)

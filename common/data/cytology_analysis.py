@@ -12,7 +12,6 @@ and ``box_sizes.png`` (histograms of box width and height) under ``--output``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -22,19 +21,14 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from common.data.analysis_report import save_figure, summary_stats, text_table
 from common.data.cytology import BETHESDA_CLASSES, class_counts, read_split
 from common.errors import InputDataError
 from common.io.atomic import atomic_write
 
-__all__ = ["analyse_split", "format_report", "plot_class_counts", "plot_box_sizes", "analyse_dataset", "main"]
+__all__ = ["analyse_dataset", "analyse_split", "format_report", "main", "plot_box_sizes", "plot_class_counts"]
 
 _HISTOGRAM_BINS = 10
-
-
-def _summary(values: np.ndarray) -> dict[str, float | None]:
-    if values.size == 0:
-        return {"mean": None, "min": None, "max": None}
-    return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
 
 
 def _histogram(values: np.ndarray) -> dict[str, list[float]]:
@@ -75,9 +69,9 @@ def analyse_split(datalist: Sequence[Mapping[str, Any]], class_names: Sequence[s
         "imbalance_ratio": {
             name: float(largest / count) if count else None for name, count in zip(class_names, counts)
         },
-        "cells_per_image": _summary(per_image),
-        "box_width": _summary(widths) | {"histogram": _histogram(widths)},
-        "box_height": _summary(heights) | {"histogram": _histogram(heights)},
+        "cells_per_image": summary_stats(per_image),
+        "box_width": summary_stats(widths) | {"histogram": _histogram(widths)},
+        "box_height": summary_stats(heights) | {"histogram": _histogram(heights)},
     }
 
 
@@ -85,20 +79,10 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Text table: first column left-aligned, the others right-aligned, a rule under the header."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join([row[0].ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(row[1:], widths[1:]))])
-        for row in [header, *rows]
-    ]
-    return [lines[0], "-" * len(lines[0]), *lines[1:]]
-
-
 def format_report(analysis: Mapping[str, Mapping[str, Any]]) -> str:
     """The tables printed by the command, from ``{split: analyse_split(...)}``."""
     splits = list(analysis)
-    lines = _table(
+    lines = text_table(
         ["split", "images", "without cells", "annotations", "cells/image mean", "min", "max"],
         [
             [
@@ -115,7 +99,7 @@ def format_report(analysis: Mapping[str, Mapping[str, Any]]) -> str:
     )
     class_names = list(next(iter(analysis.values()))["class_counts"]) if analysis else []
     lines += ["", "Annotations per class (imbalance ratio = largest class count / class count)"]
-    lines += _table(
+    lines += text_table(
         ["class", *splits],
         [
             [
@@ -140,12 +124,6 @@ def format_report(analysis: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _save_figure(figure: Figure, path: Path) -> Path:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
-
-
 def plot_class_counts(analysis: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Grouped bar plot of annotations per class, one bar per split, on a log scale (classes are rare)."""
     figure = Figure(figsize=(9, 4.5))
@@ -162,7 +140,7 @@ def plot_class_counts(analysis: Mapping[str, Mapping[str, Any]], path: str | os.
     axes.set_ylabel("annotations")
     axes.set_title("Annotations per class")
     axes.legend()
-    return _save_figure(figure, Path(path))
+    return save_figure(figure, Path(path))
 
 
 def plot_box_sizes(datalists: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike) -> Path:
@@ -177,7 +155,7 @@ def plot_box_sizes(datalists: Mapping[str, Sequence[Mapping[str, Any]]], path: s
         axes.set_xlabel(f"box {dimension} (pixels)")
         axes.set_ylabel("annotations")
         axes.legend()
-    return _save_figure(figure, Path(path))
+    return save_figure(figure, Path(path))
 
 
 def analyse_dataset(

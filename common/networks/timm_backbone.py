@@ -29,6 +29,7 @@ from common.io.checkpoint import extract_state_dict, load_checkpoint, save_check
 
 __all__ = [
     "architecture_only",
+    "architecture_only_enabled",
     "create_timm_model",
     "create_vit_backbone",
     "load_backbone_weights",
@@ -66,6 +67,11 @@ def architecture_only() -> Iterator[None]:
         _ARCHITECTURE_ONLY.reset(token)
 
 
+def architecture_only_enabled() -> bool:
+    """True inside :func:`architecture_only`: loaders must not read weight files."""
+    return _ARCHITECTURE_ONLY.get()
+
+
 def create_timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with one clear error when pretrained weights cannot be fetched.
 
@@ -73,7 +79,7 @@ def create_timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     network stack trace, and must never fall back to random weights silently. Under
     :func:`architecture_only`, ``pretrained`` is ignored.
     """
-    pretrained = pretrained and not _ARCHITECTURE_ONLY.get()
+    pretrained = pretrained and not architecture_only_enabled()
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as err:
@@ -175,7 +181,7 @@ def load_backbone_weights(
     Raises:
         InputDataError: naming ``path``, when the file is unsafe, unreadable or does not fit ``model``.
     """
-    if _ARCHITECTURE_ONLY.get():
+    if architecture_only_enabled():
         return
     if not Path(path).is_file():
         raise InputDataError(path, "backbone checkpoint not found", BACKBONE_REMEDY)

@@ -10,6 +10,7 @@ with DINO) on unlabelled images be fine-tuned here as it is: :class:`ViTDetBackb
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -141,15 +142,22 @@ class SimpleFeaturePyramid(nn.Module):
 
 
 class ViTDetBackbone(nn.Module):
-    """A plain timm ViT (patch 16) followed by :class:`SimpleFeaturePyramid`, as torchvision detectors expect.
+    """A plain ViT followed by :class:`SimpleFeaturePyramid`, as torchvision detectors expect.
 
     The ViT's last block tokens, after its final norm, form the stride-16 map. Using the final norm
     keeps every ViT parameter in use (DistributedDataParallel rejects unused ones) and leaves the
     ViT's state dict exactly that of :func:`~common.networks.timm_backbone.create_vit_backbone`, so
     encoders saved with :func:`~common.networks.timm_backbone.save_backbone` load unchanged.
 
+    ``vit`` may also be a built module that maps an image to one feature map at its patch stride and
+    has ``embed_dim`` and ``patch_size`` attributes (e.g.
+    :class:`~common.networks.angiography.RopeBackbone`, a timm RoPE ViT or SAM3's trunk). Its map is
+    resampled bilinearly to stride 16 when its patch is not 16 (SAM3 and EVA-02 use 14), because
+    torchvision's anchors and RoI pooling assume power-of-two strides.
+
     Args:
-        vit: timm ViT name with patch size 16, e.g. ``"vit_base_patch16_224"`` or ``"vit_small_patch16_224"``.
+        vit: timm ViT name with patch size 16, e.g. ``"vit_base_patch16_224"`` or ``"vit_small_patch16_224"``,
+            or a built module as above (then ``pretrained``, ``checkpoint`` and ``vit_kwargs`` stay unset).
         pretrained: start from timm's pretrained weights (needs network access).
         checkpoint: local encoder weights, e.g. from MAE pretraining on your own images.
         out_channels: channels of every pyramid level.
@@ -163,40 +171,52 @@ class ViTDetBackbone(nn.Module):
 
     def __init__(
         self,
-        vit: str = "vit_base_patch16_224",
+        vit: str | nn.Module = "vit_base_patch16_224",
         pretrained: bool = False,
         checkpoint: str | os.PathLike | None = None,
         out_channels: int = 256,
         **vit_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.vit = create_vit_backbone(vit, pretrained=pretrained, checkpoint=checkpoint, **vit_kwargs)
-        patch_size = tuple(self.vit.patch_embed.patch_size)
-        if patch_size != (VIT_PATCH_SIZE, VIT_PATCH_SIZE):
-            raise ValueError(
-                f"the simple feature pyramid expects a stride-16 ViT map, but '{vit}' has patch size "
-                f"{patch_size}; choose a *_patch16_* model."
-            )
+        if isinstance(vit, nn.Module):
+            if pretrained or checkpoint is not None or vit_kwargs:
+                raise ValueError("give a built `vit` its weights and options in its own constructor.")
+            self.vit, self.patch_size, self.external_vit = vit, int(vit.patch_size), True
+        else:
+            self.vit = create_vit_backbone(vit, pretrained=pretrained, checkpoint=checkpoint, **vit_kwargs)
+            patch_size = tuple(self.vit.patch_embed.patch_size)
+            if patch_size != (VIT_PATCH_SIZE, VIT_PATCH_SIZE):
+                raise ValueError(
+                    f"the simple feature pyramid expects a stride-16 ViT map, but '{vit}' has patch size "
+                    f"{patch_size}; choose a *_patch16_* model."
+                )
+            self.patch_size, self.external_vit = VIT_PATCH_SIZE, False
         self.pyramid = SimpleFeaturePyramid(self.vit.embed_dim, out_channels, in_stride=VIT_PATCH_SIZE)
         self.out_channels = out_channels
         self.strides = self.pyramid.strides
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        """(B, C, H, W) with H, W multiples of 16 -> OrderedDict of pyramid maps at :attr:`strides`."""
-        if x.shape[-2] % VIT_PATCH_SIZE or x.shape[-1] % VIT_PATCH_SIZE:
+        """(B, C, H, W), H and W multiples of 16 and of the patch -> OrderedDict of maps at ``strides``."""
+        multiple = math.lcm(VIT_PATCH_SIZE, self.patch_size)
+        if x.shape[-2] % multiple or x.shape[-1] % multiple:
             raise ValueError(
-                f"input height and width must be multiples of {VIT_PATCH_SIZE}, "
-                f"got {x.shape[-2]} x {x.shape[-1]}."
+                f"input height and width must be multiples of {multiple}, got {x.shape[-2]} x {x.shape[-1]}."
             )
-        (last,) = self.vit.forward_intermediates(
-            x, indices=[len(self.vit.blocks) - 1], norm=True, output_fmt="NCHW", intermediates_only=True
-        )
+        if not self.external_vit:
+            (last,) = self.vit.forward_intermediates(
+                x, indices=[len(self.vit.blocks) - 1], norm=True, output_fmt="NCHW", intermediates_only=True
+            )
+            return self.pyramid(last)
+        last = self.vit(x)
+        if self.patch_size != VIT_PATCH_SIZE:
+            grid = (x.shape[-2] // VIT_PATCH_SIZE, x.shape[-1] // VIT_PATCH_SIZE)
+            last = F.interpolate(last, size=grid, mode="bilinear", align_corners=False)
         return self.pyramid(last)
 
 
 def vit_mask_rcnn(
     num_classes: int = 2,
-    vit: str = "vit_base_patch16_224",
+    vit: str | nn.Module = "vit_base_patch16_224",
     pretrained: bool = False,
     checkpoint: str | os.PathLike | None = None,
     min_size: int | Sequence[int] = (512, 576, 640, 704, 768),
@@ -213,7 +233,7 @@ def vit_mask_rcnn(
 
     Args:
         num_classes: classes including background, e.g. 2 for a single lesion class.
-        vit: timm ViT name with patch size 16.
+        vit: timm ViT name with patch size 16, or a built backbone (see :class:`ViTDetBackbone`).
         pretrained: start the ViT from timm's pretrained weights (needs network access).
         checkpoint: encoder weights saved by :func:`~common.networks.timm_backbone.save_backbone`.
         min_size: shorter image side after resizing; a sequence is sampled per training batch
@@ -222,7 +242,8 @@ def vit_mask_rcnn(
         out_channels: channels of the pyramid, RPN and RoI heads.
         vit_kwargs: passed to :class:`ViTDetBackbone`, e.g. ``{"drop_path_rate": 0.1}``.
         kwargs: passed to ``torchvision.models.detection.MaskRCNN`` (``box_detections_per_img``,
-            ``box_score_thresh``, ``image_mean``, ...).
+            ``box_score_thresh``, ``image_mean``, ...). ``size_divisible`` defaults to a multiple of
+            32 and of the patch size, so padded batches tile into patches.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too, so it must be >= 2, got {num_classes}.")
@@ -230,6 +251,7 @@ def vit_mask_rcnn(
     levels = [name for name in backbone.strides if name != "pool"]
     kwargs.setdefault("image_mean", list(IMAGENET_MEAN))
     kwargs.setdefault("image_std", list(IMAGENET_STD))
+    kwargs.setdefault("size_divisible", math.lcm(32, backbone.patch_size))
     return MaskRCNN(
         backbone,
         num_classes=num_classes,
