@@ -1,5 +1,5 @@
 # Sourced by demo.sh and test.sh: create the virtual environment if it is absent and install the
-# collection (editable) with its test extra. Override the location with VENV=/path.
+# collection (editable) with its test, federated-learning and MONAI Label extras. Override the location with VENV=/path.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
@@ -12,7 +12,10 @@ stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     echo "installing the collection and its dependencies (first run: torch and its CUDA wheels, a few minutes)"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,fl,monailabel]"
+    # MONAI Label: its dependency pydicom-seg pins numpy<2 and jsonschema<4, so both go in without their
+    # dependencies (the real runtime ones are the monailabel extra above)
+    "$VENV/bin/python" -m pip install --quiet --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
     touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -47,14 +47,16 @@ from common.io.checkpoint import save_checkpoint
 from common.networks.timm_backbone import architecture_only
 
 __all__ = [
-    "REQUIRED_FILES",
     "DEFAULT_CONFIG_BASES",
+    "REQUIRED_FILES",
     "CheckResult",
     "VerificationReport",
-    "load_metadata_schema",
     "config_bases",
-    "verify_bundle",
+    "load_metadata_schema",
     "main",
+    "parse_override",
+    "torchscript_options",
+    "verify_bundle",
 ]
 
 REQUIRED_FILES = (
@@ -511,6 +513,14 @@ def _check_network(
     return results
 
 
+def torchscript_options(metadata: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(exportable, use_trace) from metadata ``torchscript``: scripted unless it says to trace, exported
+    unless it declares ``"exportable": false``. Shared with the exporter, which writes ``models/model.ts``."""
+    declared = metadata.get("torchscript")
+    declared = declared if isinstance(declared, Mapping) else {}
+    return declared.get("exportable") is not False, bool(declared.get("use_trace", False))
+
+
 def _check_export(
     bundle: Path,
     metadata: Mapping[str, Any],
@@ -526,12 +536,10 @@ def _check_export(
     network cannot be exported. ``overrides`` are those train.json defines, passed to ``ckpt_export``.
     """
     meta_path, train_path = bundle / "configs" / "metadata.json", bundle / "configs" / "train.json"
-    declared = metadata.get("torchscript")
-    declared = declared if isinstance(declared, Mapping) else {}
-    if declared.get("exportable") is False:
-        reason = declared.get("reason")
+    exportable, use_trace = torchscript_options(metadata)
+    if not exportable:
+        reason = metadata["torchscript"].get("reason")
         return CheckResult(name, True, f"skipped: {meta_path} declares it not exportable: {reason}")
-    use_trace = bool(declared.get("use_trace", False))
     with tempfile.TemporaryDirectory(prefix="verify_bundle_") as tmp:
         ckpt_path = save_checkpoint(net.state_dict(), Path(tmp) / "model.pt")
         ts_path = Path(tmp) / "model.ts"
@@ -575,7 +583,7 @@ def _source_locations(err: BaseException) -> str:
     return "; at " + " <- ".join(f"{path}:{line}" for path, line in locations) if locations else ""
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     """``ID=VALUE`` from the command line; VALUE is JSON (``false``, ``3``, ``[1, 2]``) or else a string."""
     config_id, sep, value = text.partition("=")
     if not sep or not config_id:
@@ -599,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--override",
         action="append",
         default=[],
-        type=_parse_override,
+        type=parse_override,
         metavar="ID=VALUE",
         help="set a config id in every config that defines it, VALUE read as JSON if it parses, "
         "e.g. --override backbone=vit_small_patch16_224",
