@@ -8,8 +8,12 @@ one :class:`monai.inferers.WSISlidingWindowSplitter` tiles a slide with. Two bac
   which for a 100k x 80k slide is tens of gigabytes per tile; this subclass decodes only the TIFF tiles a
   region overlaps (through tifffile's zarr view), and finds levels, sizes and resolution through
   tifffile's pyramid series, so Aperio SVS, OME-TIFF (SubIFDs) and generic tiled pyramids all work.
-- ``"openslide"``: MONAI's ``OpenSlideWSIReader``, for the vendor formats OpenSlide reads (NDPI, MRXS, ...).
-  Regions past the scanned area are composited onto white glass instead of OpenSlide's transparent black.
+- ``"openslide"``: MONAI's ``OpenSlideWSIReader``, for the vendor formats OpenSlide reads (NDPI, MRXS, ...),
+  from the ``openslide-python`` and ``openslide-bin`` wheels (no system library needed). Regions past the
+  scanned area are composited onto white glass instead of OpenSlide's transparent black.
+
+``"auto"`` takes OpenSlide for the vendor formats (:data:`VENDOR_SUFFIXES`) when it can be imported, and
+tifffile for generic pyramidal TIFF. Both report the vendor's objective power and microns per pixel.
 
 Both return RGB ``uint8`` regions with the channel first; the part of a region outside the slide is
 white (255), which the tissue filter of :mod:`common.inferers.wsi` counts as background.
@@ -24,7 +28,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import tifffile
@@ -37,15 +41,16 @@ from common.io.atomic import atomic_write
 
 __all__ = [
     "BACKENDS",
-    "SlideInfo",
-    "Slide",
-    "TiledTiffWSIReader",
     "SLIDE_SUFFIXES",
-    "list_slides",
+    "VENDOR_SUFFIXES",
+    "Slide",
+    "SlideInfo",
+    "TiledTiffWSIReader",
     "create_wsi_reader",
+    "list_slides",
     "open_slide",
-    "select_level",
     "read_region",
+    "select_level",
     "write_pyramid_tiff",
 ]
 
@@ -53,6 +58,9 @@ BACKENDS = ("tifffile", "openslide", "auto")
 #: Whole-slide file suffixes :func:`list_slides` picks from a folder (generic TIFF, Aperio, Hamamatsu,
 #: 3DHistech, Leica, Ventana, Philips).
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide")
+#: Suffixes of the scanner formats that ``backend="auto"`` opens with OpenSlide (Aperio, Hamamatsu,
+#: 3DHistech, Leica, Ventana): their vendor metadata and non-TIFF layouts are what OpenSlide is for.
+VENDOR_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide")
 _BACKGROUND_VALUE = 255  # white glass
 # Microns per TIFF ResolutionUnit (2 inch, 3 centimetre, 4 millimetre, 5 micrometre); 1 (none) means unknown.
 _MICRONS_PER_UNIT = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
@@ -69,6 +77,8 @@ class SlideInfo:
         level_dimensions: ``(height, width)`` of every level, level 0 (full resolution) first.
         downsamples: level-0 height over each level's height (MONAI's downsample ratio).
         mpp: ``(y, x)`` microns per pixel at level 0, or ``None`` when the file does not record it.
+        objective_power: the scanner's objective magnification (e.g. 20 or 40), or ``None``.
+        vendor: the scanner format as OpenSlide names it (``"aperio"``, ``"hamamatsu"``, ...), or ``None``.
     """
 
     path: Path
@@ -76,6 +86,8 @@ class SlideInfo:
     level_dimensions: tuple[tuple[int, int], ...]
     downsamples: tuple[float, ...]
     mpp: tuple[float, float] | None
+    objective_power: float | None = None
+    vendor: str | None = None
 
     @property
     def level_count(self) -> int:
@@ -103,7 +115,7 @@ class Slide:
     def close(self) -> None:
         self.wsi.close()
 
-    def __enter__(self) -> Slide:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -113,12 +125,16 @@ class Slide:
         return f"Slide({str(self.info.path)!r}, levels={self.info.level_dimensions}, mpp={self.info.mpp})"
 
 
+def _svs_description(tif: tifffile.TiffFile) -> dict[str, Any]:
+    """The ``key = value`` fields of an Aperio description (``{}`` for other TIFFs)."""
+    return tifffile.tifffile.svs_description_metadata(tif.pages[0].description) if tif.is_svs else {}
+
+
 def _tiff_level_0_mpp(tif: tifffile.TiffFile) -> tuple[float, float] | None:
     """Level-0 ``(y, x)`` microns per pixel from the Aperio description, else the resolution tags."""
-    if tif.is_svs:
-        svs = tifffile.tifffile.svs_description_metadata(tif.pages[0].description)
-        if svs.get("MPP"):
-            return float(svs["MPP"]), float(svs["MPP"])
+    mpp = _float(_svs_description(tif).get("MPP"))
+    if mpp:
+        return mpp, mpp
     tags = tif.series[0].levels[0].keyframe.tags
     unit = tags.valueof("ResolutionUnit", default=_TIFF_INCH)
     x_resolution, y_resolution = tags.valueof("XResolution"), tags.valueof("YResolution")
@@ -197,18 +213,24 @@ class _OpenSlideOnWhiteWSIReader(OpenSlideWSIReader):
         return np.moveaxis(np.round(rgb).astype(dtype), -1, self.channel_dim)
 
 
-def _resolve_backend(backend: str) -> str:
+def _resolve_backend(backend: str, path: str | os.PathLike | None = None) -> str:
+    """``backend`` itself, or for ``"auto"``: OpenSlide when it can be imported and ``path`` is a vendor
+    format (or no path is given), else tifffile."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "openslide" if optional_import("openslide")[1] else "tifffile"
+        vendor = path is None or Path(path).suffix.lower() in VENDOR_SUFFIXES
+        return "openslide" if vendor and optional_import("openslide")[1] else "tifffile"
     return backend
 
 
-def create_wsi_reader(backend: str = "tifffile", level: int | None = None) -> BaseWSIReader:
-    """The MONAI reader for ``backend`` (see :data:`BACKENDS`) returning ``uint8`` RGB, channel first,
-    at ``level`` by default (what :class:`~monai.inferers.WSISlidingWindowSplitter` reads patches at)."""
-    backend = _resolve_backend(backend)
+def create_wsi_reader(
+    backend: str = "tifffile", level: int | None = None, path: str | os.PathLike | None = None
+) -> BaseWSIReader:
+    """The MONAI reader for ``backend`` (see :data:`BACKENDS`; ``"auto"`` decides by ``path``'s suffix)
+    returning ``uint8`` RGB, channel first, at ``level`` by default (what
+    :class:`~monai.inferers.WSISlidingWindowSplitter` reads patches at)."""
+    backend = _resolve_backend(backend, path)
     if backend == "openslide":
         if not optional_import("openslide")[1]:
             raise ValueError(
@@ -223,14 +245,26 @@ def _slide_info(path: Path, backend: str, reader: BaseWSIReader, wsi: Any) -> Sl
     levels = range(reader.get_level_count(wsi))
     dimensions = tuple(tuple(int(v) for v in reader.get_size(wsi, level)) for level in levels)
     downsamples = tuple(float(reader.get_downsample_ratio(wsi, level)) for level in levels)
+    vendor = None
     if backend == "tifffile":
         mpp = _tiff_level_0_mpp(wsi)
+        power = _float(_svs_description(wsi).get("AppMag"))
+        vendor = "aperio" if wsi.is_svs else None
     else:
         try:
             mpp = tuple(float(v) for v in reader.get_mpp(wsi, 0))
         except ValueError:
             mpp = None
-    return SlideInfo(path, backend, dimensions, downsamples, mpp)  # type: ignore[arg-type]
+        power = _float(wsi.properties.get("openslide.objective-power"))
+        vendor = wsi.properties.get("openslide.vendor")
+    return SlideInfo(path, backend, dimensions, downsamples, mpp, power, vendor)  # type: ignore[arg-type]
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _check_tiff_layout(path: Path, tif: tifffile.TiffFile) -> None:
@@ -253,8 +287,8 @@ def open_slide(path: str | os.PathLike, backend: str = "tifffile") -> Slide:
     Args:
         path: the slide file: a pyramidal TIFF or SVS for ``"tifffile"``, any OpenSlide format for
             ``"openslide"``.
-        backend: ``"tifffile"``, ``"openslide"``, or ``"auto"`` (OpenSlide when it can be imported, else
-            tifffile).
+        backend: ``"tifffile"``, ``"openslide"``, or ``"auto"`` (OpenSlide for the vendor formats of
+            :data:`VENDOR_SUFFIXES` when it can be imported, else tifffile).
 
     Raises:
         InputDataError: the file is missing, is not a slide the backend can read, or is not 8-bit RGB.
@@ -262,7 +296,7 @@ def open_slide(path: str | os.PathLike, backend: str = "tifffile") -> Slide:
     path = Path(path)
     if not path.is_file():
         raise InputDataError(path, "slide file not found")
-    backend = _resolve_backend(backend)
+    backend = _resolve_backend(backend, path)
     reader = create_wsi_reader(backend)
     read_errors: tuple[type[BaseException], ...] = (
         OSError,
@@ -322,7 +356,7 @@ def list_slides(
 
 def _check_level(info: SlideInfo, level: int) -> None:
     if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
-        raise ValueError(f"level must be an integer, got {level!r}")
+        raise TypeError(f"level must be an integer, got {level!r}")
     if not 0 <= level < info.level_count:
         raise InputDataError(
             info.path, f"slide has levels 0..{info.level_count - 1}; level {level} does not exist"

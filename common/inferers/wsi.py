@@ -1,17 +1,13 @@
 """Whole-slide segmentation, tile by tile, without any slide-sized array in memory.
 
-The pipeline is MONAI's: :class:`~monai.inferers.PatchInferer` with a
-:class:`~monai.inferers.WSISlidingWindowSplitter` reading overlapping tiles of one pyramid level from
-the slide file, a :class:`TissueFilter` as its ``filter_fn`` dropping tiles of bare glass, and
-:class:`~monai.inferers.ZarrAvgMerger` averaging the class probabilities of overlapping tiles in
-on-disk zarr arrays. ``ZarrAvgMerger`` is used as MONAI ships it: it already keeps the sums, counts and
-averages on disk, so no array of the slide's size is ever allocated; its cost is I/O (tens of
-milliseconds per 512 px tile on a laptop disk, see ``scripts/benchmarks/bench_wsi_inference.py``).
-
-After the merger, every pass over the slide reads bounded blocks from zarr: the arg-max class map, the
-per-class pixel counts, the mode-pooled pyramid levels, the tiled TIFF and the thumbnail overlay.
-Pixels that no kept tile covers have no probability (the merger leaves 0/0 = NaN there) and are
-labelled ``background_index``, never class 0.
+Per slide: tissue is found once on a low-resolution level (:func:`common.transforms.tissue.tissue_mask`),
+so tiles of bare glass are never decoded at full resolution; the kept tiles of the processed level are
+decoded ahead of the network by a :class:`~common.data.tile_reader.PrefetchingTileReader` (on tiled TIFF
+each TIFF tile once, see :class:`~common.data.tile_reader.TiledTiffLevel`); the network's class
+probabilities are averaged over overlapping tiles by a :class:`~common.inferers.band_merger.BandMerger`,
+which holds only a band of rows as wide as the slide and hands final class-map rows on as soon as no
+later tile touches them. The tiles are placed as MONAI's ``WSISlidingWindowSplitter`` places them.
+Pixels that no kept tile covers are labelled ``background_index``, never class 0.
 
 Outputs, per slide ``<stem>``, each written atomically into ``output_dir``:
 
@@ -20,6 +16,7 @@ Outputs, per slide ``<stem>``, each written atomically into ``output_dir``:
   :func:`common.data.wsi.open_slide` read), with resolution tags so each level keeps its microns per pixel;
 - ``<stem>_overlay.png``: a thumbnail of the slide with the tissue classes blended in;
 - ``<stem>_areas.json``: pixels, mm^2 and fraction per class, tissue fraction, tiles processed/skipped;
+  written last, so its presence means the slide is done (:meth:`WholeSlideSegmenter.is_done`);
 - ``<stem>_probabilities.zarr`` only with ``keep_probabilities=True``: the averaged ``(1, C, H, W)``
   probabilities (NaN where no tile was processed).
 """
@@ -32,7 +29,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,20 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
-from monai.inferers import PatchInferer, WSISlidingWindowSplitter
-from monai.inferers.merger import ZarrAvgMerger
 from PIL import Image
 
 from common.data.histopathology import mask_palette
-from common.data.wsi import (
-    BACKENDS,
-    Slide,
-    create_wsi_reader,
-    open_slide,
-    read_region,
-    select_level,
-    write_pyramid_tiff,
-)
+from common.data.tile_reader import PrefetchingTileReader, TiledTiffLevel
+from common.data.wsi import BACKENDS, Slide, open_slide, read_region, select_level, write_pyramid_tiff
+from common.inferers.band_merger import BandMerger, tile_positions
 from common.io.atomic import atomic_directory, atomic_write
 from common.transforms.tissue import (
     BLACK_THRESHOLD,
@@ -64,12 +52,14 @@ from common.transforms.tissue import (
     tissue_mask,
 )
 
-__all__ = ["TissueFilter", "mode_pool2", "WholeSlideSegmenter", "segment_slide"]
+__all__ = ["TissueFilter", "WholeSlideSegmenter", "mode_pool2", "segment_slide"]
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 256  # spatial chunk of the merger's zarr arrays: ~1 MB blocks, small waste at tile edges
-_READ_BLOCK = 2048  # side of the blocks read for the thumbnail (12 MB of RGB)
+_CHUNK = 256  # spatial chunk of the probabilities' zarr array: ~1 MB blocks, small waste at tile edges
+_READ_BLOCK = 2048  # side of the blocks read for the thumbnail and the tissue map (12 MB of RGB)
+_OVERLAY_ROWS = 256  # rows of the overlay blended at once
+_TISSUE_PIXELS = 8  # the tissue map's level is the coarsest where a tile is still this many pixels long
 
 
 class TissueFilter:
@@ -78,6 +68,8 @@ class TissueFilter:
     the same thresholds as pseudo-masks and the glass mask), and count the tiles kept and skipped.
 
     The white padding past the slide's edge counts as glass. ``min_tissue_fraction=0`` keeps every tile.
+    :class:`WholeSlideSegmenter` applies the same rule to a low-resolution level instead, so that glass is
+    never decoded at full resolution; this filter serves pipelines built on MONAI's splitter.
     """
 
     def __init__(
@@ -122,15 +114,20 @@ def mode_pool2(labels: np.ndarray) -> np.ndarray:
 
 
 class _ProbabilityNetwork:
-    """The network as the merger needs it: softmax probabilities at the tile's size, as float32 on the
-    CPU; also times the forward passes, so reading, filtering and merging can be told apart."""
+    """The network as the merger needs it: softmax probabilities at the tile's size, as float32 NumPy;
+    also times the forward passes, so reading, blending and writing can be told apart."""
 
-    def __init__(self, network: Callable, num_classes: int, device: torch.device, amp: bool) -> None:
+    def __init__(
+        self, network: Callable, num_classes: int, device: torch.device, amp: bool, channels_last: bool
+    ) -> None:
         self.network, self.num_classes, self.device, self.amp = network, num_classes, device, amp
+        self.channels_last = channels_last
         self.seconds = 0.0
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
         start = time.perf_counter()
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, enabled=self.amp):
             logits = self.network(batch)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 4 or logits.shape[1] != self.num_classes:
@@ -139,19 +136,40 @@ class _ProbabilityNetwork:
         if logits.shape[-2:] != batch.shape[-2:]:  # a stride-8 head's scores are smooth: bilinear suffices
             size = batch.shape[-2:]
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-        probabilities = torch.softmax(logits.float(), dim=1).cpu()  # .cpu() waits for the device
+        probabilities = torch.softmax(logits.float(), dim=1).contiguous().cpu().numpy()  # waits for the device
         self.seconds += time.perf_counter() - start
         return probabilities
 
 
-def _merger_codecs() -> dict[str, Any]:
-    """Blosc-LZ4 with byte shuffle for the merger's arrays: zarr 2's default compressor, spelled out for
+def _zarr_codecs() -> dict[str, Any]:
+    """Blosc-LZ4 with byte shuffle for the probabilities: zarr 2's default compressor, spelled out for
     zarr 3, whose default (zstd) was both slower and larger on class probabilities when measured
     (38 vs 33 ms per 512 px tile, 618 vs 546 MB for a 4000 px slide)."""
     if int(zarr.__version__.split(".")[0]) < 3:
         return {}
-    codecs = [zarr.codecs.BytesCodec(), zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
-    return {"codecs": codecs, "value_codecs": codecs, "count_codecs": codecs}
+    codec = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    return {"codecs": [zarr.codecs.BytesCodec(), codec]}
+
+
+class _RowWriter:
+    """Writes the full-width rows a :class:`BandMerger` finalises into a zarr label array, in whole rows of
+    chunks (partial chunks would be compressed, read back and rewritten); holds less than a chunk row
+    plus one band of rows."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array, self.chunk = array, array.chunks[0]
+        self.pending: list[np.ndarray] = []
+        self.top = 0  # first row not yet written
+
+    def __call__(self, top: int, labels: np.ndarray) -> None:
+        self.pending.append(labels)
+        rows = sum(block.shape[0] for block in self.pending)
+        if rows >= self.chunk or top + labels.shape[0] == self.array.shape[0]:
+            block = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+            whole = rows if top + labels.shape[0] == self.array.shape[0] else rows - rows % self.chunk
+            self.array[self.top : self.top + whole] = block[:whole]
+            self.pending = [block[whole:]] if whole < rows else []
+            self.top += whole
 
 
 def _blocks(shape: Sequence[int], block: int) -> Iterator[tuple[slice, slice]]:
@@ -205,6 +223,36 @@ def _thumbnail(slide: Slide, max_side: int) -> np.ndarray:
     return thumbnail
 
 
+def _level_tissue(slide: Slide, level: int) -> np.ndarray:
+    """``(h, w)`` bool tissue mask of a whole pyramid level, read block by block."""
+    height, width = slide.info.level_dimensions[level]
+    downsample = slide.info.downsamples[level]
+    mask = np.empty((height, width), dtype=bool)
+    for rows, cols in _blocks((height, width), _READ_BLOCK):
+        location = (round(rows.start * downsample), round(cols.start * downsample))
+        size = (rows.stop - rows.start, cols.stop - cols.start)
+        mask[rows, cols] = tissue_mask(read_region(slide, location, size, level))
+    return mask
+
+
+def _tile_tissue(
+    mask: np.ndarray, scale: tuple[float, float], rows: Sequence[int], cols: Sequence[int], patch: Sequence[int]
+) -> np.ndarray:
+    """``(len(rows), len(cols))`` share of tissue in each tile, from a tissue ``mask`` ``scale`` times the
+    size of the tiles' level; the part of a tile past the slide's edge counts as glass."""
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = mask.cumsum(axis=0).cumsum(axis=1)
+    (y_scale, x_scale), (height, width) = scale, patch
+    y0 = np.round(np.asarray(rows) * y_scale).astype(np.int64)
+    y1 = np.maximum(np.round((np.asarray(rows) + height) * y_scale).astype(np.int64), y0 + 1)
+    x0 = np.round(np.asarray(cols) * x_scale).astype(np.int64)
+    x1 = np.maximum(np.round((np.asarray(cols) + width) * x_scale).astype(np.int64), x0 + 1)
+    cy0, cy1 = np.clip(y0, 0, mask.shape[0])[:, None], np.clip(y1, 0, mask.shape[0])[:, None]
+    cx0, cx1 = np.clip(x0, 0, mask.shape[1])[None], np.clip(x1, 0, mask.shape[1])[None]
+    tissue = integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
+    return tissue / ((y1 - y0)[:, None] * (x1 - x0)[None])
+
+
 def _overlay(
     thumbnail: np.ndarray, levels: list[zarr.Array], palette: np.ndarray, background_index: int, alpha: float
 ) -> np.ndarray:
@@ -214,8 +262,12 @@ def _overlay(
     large_enough = (lvl for lvl in reversed(levels) if lvl.shape[0] >= height and lvl.shape[1] >= width)
     source = np.asarray(next(large_enough, levels[0])[:, :])
     classes = np.asarray(Image.fromarray(source).resize((width, height), Image.Resampling.NEAREST))
-    tinted = np.round(thumbnail * (1.0 - alpha) + palette[classes] * alpha).astype(np.uint8)
-    return np.where((classes != background_index)[..., None], tinted, thumbnail)
+    overlay = thumbnail.copy()
+    for rows, _ in _blocks((height, 1), _OVERLAY_ROWS):  # float64 blending a few rows at a time, not 300 MB
+        tissue = classes[rows] != background_index
+        tinted = np.round(thumbnail[rows][tissue] * (1.0 - alpha) + palette[classes[rows][tissue]] * alpha)
+        overlay[rows][tissue] = tinted.astype(np.uint8)
+    return overlay
 
 
 def _is_int(value: Any) -> bool:
@@ -236,9 +288,9 @@ def _check_patch_size(patch_size: int | Sequence[int]) -> tuple[int, int]:
     return int(sizes[0]), int(sizes[1])
 
 
-def _check_overlap(overlap: float | int, patch_size: tuple[int, int]) -> float | int:
+def _check_overlap(overlap: float, patch_size: tuple[int, int]) -> float | int:
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float, np.integer, np.floating)):
-        raise ValueError(f"overlap must be a fraction in [0, 1) or a whole number of pixels, got {overlap!r}")
+        raise TypeError(f"overlap must be a fraction in [0, 1) or a whole number of pixels, got {overlap!r}")
     if isinstance(overlap, (float, np.floating)):
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"a fractional overlap must be in [0, 1), got {overlap}")
@@ -259,9 +311,10 @@ class WholeSlideSegmenter:
         network: maps a ``(B, 3, h, w)`` float batch to ``(B, num_classes, h', w')`` class scores
             (logits; softmaxed here before blending; a coarser ``h', w'`` is upsampled bilinearly). It must
             already be on ``device``; an ``nn.Module`` is put in eval mode.
-        output_dir: folder for the outputs (created if missing). The zarr scratch arrays live in a hidden
-            temporary folder inside it, as they can be as large as the slide's probabilities (a RAM-backed
-            ``/tmp`` would defeat the purpose); it is removed at the end.
+        output_dir: folder for the outputs (created if missing). The zarr scratch arrays (the class map
+            and its pyramid levels before they go into the TIFF, and the probabilities when kept) live in a
+            hidden temporary folder inside it (a RAM-backed ``/tmp`` would defeat the purpose); it is
+            removed at the end.
         num_classes: output channels, background included.
         patch_size: tile side (or ``(height, width)``) in pixels of the processed level.
         overlap: between neighbouring tiles, a fraction of the tile in [0, 1) or whole pixels; overlapping
@@ -270,8 +323,9 @@ class WholeSlideSegmenter:
             :func:`common.data.wsi.select_level`); neither means level 0.
         mpp: microns per pixel the network expects.
         batch_size: tiles per forward pass.
-        min_tissue_fraction: tiles with less tissue are skipped and labelled background (see
-            :class:`TissueFilter`).
+        min_tissue_fraction: tiles with less tissue are skipped, never decoded, and labelled background;
+            measured once per slide on the coarsest level where a tile is still 8 pixels long (on the tiles
+            themselves, as :class:`TissueFilter` does, when the slide has no such level).
         device: where tiles go for the forward pass; default: the device of the network's parameters.
         class_names: one unique name per class; default ``"class 0"``, ... and ``"background"``.
         background_index: the background class; default ``num_classes - 1`` (the collection's convention:
@@ -290,7 +344,9 @@ class WholeSlideSegmenter:
         mask_glass: label as background every pixel that
             :func:`~common.transforms.tissue.tissue_mask` calls glass, read from the slide at the
             processed level. A network trained on pseudo-masks learned that glass convention at its output
-            stride only; this restores the pixel-level tissue outline (one more read of the slide).
+            stride only; this restores the pixel-level tissue outline (from the tiles already read).
+        workers: threads decoding tiles ahead of the network; 0 decodes in the calling thread.
+        channels_last: feed the network channels-last batches (faster convolutions on CUDA with AMP).
     """
 
     def __init__(
@@ -299,7 +355,7 @@ class WholeSlideSegmenter:
         output_dir: str | os.PathLike,
         num_classes: int,
         patch_size: int | Sequence[int] = 512,
-        overlap: float | int = 0.25,
+        overlap: float = 0.25,
         level: int | None = None,
         mpp: float | None = None,
         batch_size: int = 8,
@@ -316,6 +372,8 @@ class WholeSlideSegmenter:
         palette: Sequence[Sequence[int]] | None = None,
         overlay_alpha: float = 0.4,
         mask_glass: bool = False,
+        workers: int = 2,
+        channels_last: bool = False,
     ) -> None:
         if not callable(network):
             raise TypeError(f"network must be callable, got {type(network).__name__}")
@@ -366,77 +424,112 @@ class WholeSlideSegmenter:
             raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha!r}")
         self.overlay_alpha = overlay_alpha
         self.mask_glass = mask_glass
+        self.workers = _check_int("workers", workers, 0)
+        self.channels_last = bool(channels_last)
         self.network = network
         self.output_dir = Path(output_dir)
 
-    def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True).float()
+    def _tissue_share(
+        self, slide: Slide, level: int, rows: list[int], cols: list[int]
+    ) -> np.ndarray | None:
+        """Share of tissue in every tile, from the coarsest level on which a tile is still at least
+        ``_TISSUE_PIXELS`` long; ``None`` when the slide has no such level below ``level`` (the tiles are
+        then checked as they are read)."""
+        dimensions, downsamples = slide.info.level_dimensions, slide.info.downsamples
+        coarse = [
+            lvl
+            for lvl in range(level + 1, slide.info.level_count)
+            if min(self.patch_size) * downsamples[level] / downsamples[lvl] >= _TISSUE_PIXELS
+        ]
+        if not coarse:
+            return None
+        low = max(coarse)
+        scale = tuple(dimensions[low][axis] / dimensions[level][axis] for axis in (0, 1))
+        return _tile_tissue(_level_tissue(slide, low), scale, rows, cols, self.patch_size)  # type: ignore[arg-type]
+
+    def _patch_reader(self, slide: Slide, level: int, plan: list[tuple[int, int, int, int]]) -> Callable:
+        """``read(top, left)``: ``(h, w, 3)`` uint8 tile of ``level``, from its TIFF tiles directly when
+        the level is tiled (each decoded once), else through the slide's MONAI reader."""
+        if slide.info.backend == "tifffile":
+            try:
+                tiff_level = TiledTiffLevel(slide.wsi, level, plan)
+            except ValueError:
+                pass
+            else:
+                return lambda top, left: tiff_level.read(top, left, *self.patch_size)
+        downsample = slide.info.downsamples[level]
+
+        def read(top: int, left: int) -> np.ndarray:
+            location = (round(top * downsample), round(left * downsample))
+            return np.moveaxis(read_region(slide, location, self.patch_size, level), 0, -1)
+
+        return read
+
+    def _batch(self, patches: list[np.ndarray]) -> torch.Tensor:
+        """``(B, 3, h, w)`` float batch on the device, preprocessed, from ``(3, h, w)`` tiles (or
+        ``(h, w, 3)`` ones with ``channels_last``); through pinned memory on CUDA."""
+        stacked = torch.from_numpy(np.stack(patches))
+        if self.device.type == "cuda":
+            stacked = stacked.pin_memory()
+        batch = stacked.to(self.device, non_blocking=True)
+        batch = (batch.permute(0, 3, 1, 2) if self.channels_last else batch).float()
         return batch if self.preprocess is None else self.preprocess(batch)
 
-    def _count_dtype(self) -> str:
-        """uint8 counts suffice unless more than 255 tiles overlap a pixel (overlap above ~94%)."""
-        overlap = self.overlap
-        steps = [p - overlap if _is_int(overlap) else round(p * (1 - overlap)) for p in self.patch_size]
-        windows = np.prod([-(-p // max(s, 1)) for p, s in zip(self.patch_size, steps)])
-        return "uint8" if windows <= 255 else "uint16"
+    def _infer(self, slide: Slide, level: int, merger: BandMerger) -> tuple[dict[str, int], float]:
+        """Run the kept tiles through the network into ``merger``; tiles processed/skipped and the
+        network's seconds."""
+        rows, cols = merger.rows, merger.columns
+        share = self._tissue_share(slide, level, rows, cols) if self.min_tissue_fraction > 0 else None
+        check_tiles = share is None and self.min_tissue_fraction > 0
+        keep = np.ones((len(rows), len(cols)), bool) if share is None else share >= self.min_tissue_fraction
+        indices = [tuple(int(v) for v in index) for index in np.argwhere(keep)]
+        read_patch = self._patch_reader(slide, level, [(rows[i], cols[j], *self.patch_size) for i, j in indices])
 
-    def _infer(self, slide_path: Path, level: int, scratch: Path, tissue: TissueFilter) -> tuple[Any, float]:
-        """Averaged probabilities (zarr; ``None`` when every tile was skipped) and the network's seconds."""
-        with warnings.catch_warnings():
-            # MONAI warns about every backend but OpenSlide/cuCIM because its TiffFileWSIReader decodes the
-            # whole level per patch; ours reads only the tiles a patch overlaps.
-            warnings.filterwarnings("ignore", message="WSIReader with tifffile backend", category=UserWarning)
-            splitter = WSISlidingWindowSplitter(
-                self.patch_size,
-                overlap=self.overlap,
-                filter_fn=tissue,
-                reader=create_wsi_reader(self.backend, level=level),
-                level=level,  # the splitter reads sizes at this level; the reader extracts patches there
-            )
-        inferer = PatchInferer(
-            splitter,
-            merger_cls=ZarrAvgMerger,
-            batch_size=self.batch_size,
-            preprocessing=self._prepare,
-            store=str(scratch / "probabilities.zarr"),
-            value_store=str(scratch / "sums.zarr"),
-            count_store=str(scratch / "counts.zarr"),
-            chunks=(1, self.num_classes, _CHUNK, _CHUNK),
-            count_dtype=self._count_dtype(),
-            **_merger_codecs(),
-        )
-        network = _ProbabilityNetwork(self.network, self.num_classes, self.device, self.amp)
+        def read(location: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None] | None:
+            """The tile and its tissue flags (with ``mask_glass``); ``None`` for glass not screened yet."""
+            patch = read_patch(*location)
+            if check_tiles and tissue_fraction(patch) < self.min_tissue_fraction:
+                return None
+            flags = tissue_mask(patch) if self.mask_glass else None
+            # the layout the batch needs, made here in the reader's thread rather than in the network's
+            return (patch if self.channels_last else np.ascontiguousarray(patch.transpose(2, 0, 1))), flags
+
+        network = _ProbabilityNetwork(self.network, self.num_classes, self.device, self.amp, self.channels_last)
         if isinstance(self.network, torch.nn.Module):
             self.network.eval()
-        with torch.inference_mode(), np.errstate(invalid="ignore"):  # 0/0 = NaN marks pixels no tile covered
-            merged = inferer(str(slide_path), network)
-        return (merged if isinstance(merged, zarr.Array) else None), network.seconds
+        locations = [(rows[i], cols[j]) for i, j in indices]
+        reader = PrefetchingTileReader(read, locations, slide.info.path, level, self.workers, 2 * self.batch_size)
+        processed, pending = 0, []
 
-    def _class_map(
-        self, probabilities: Any, shape: tuple[int, int], scratch: Path, slide: Slide, level: int
-    ) -> tuple[zarr.Array, np.ndarray]:
-        """Arg-max class of every pixel (background where no tile was processed, and with ``mask_glass``
-        where the slide shows glass) and pixels per class."""
-        classes = _label_array(scratch / "classes_0.zarr", shape, self.tile_size, self.background_index)
-        counts = np.zeros(self.num_classes, dtype=np.int64)
-        if probabilities is None:
-            counts[self.background_index] = shape[0] * shape[1]
-            return classes, counts
-        downsample = slide.info.downsamples[level]
-        for rows, cols in _blocks(shape, self.tile_size):
-            block = np.asarray(probabilities[0, :, rows, cols])
-            labels = block.argmax(axis=0).astype(np.uint8)
-            labels[np.isnan(block[0])] = self.background_index
-            if self.mask_glass:
-                location = (round(rows.start * downsample), round(cols.start * downsample))
-                rgb = read_region(slide, location, (rows.stop - rows.start, cols.stop - cols.start), level)
-                labels[~tissue_mask(rgb)] = self.background_index
-            classes[rows, cols] = labels
-            counts += np.bincount(labels.ravel(), minlength=self.num_classes)
-        return classes, counts
+        def forward() -> None:
+            with torch.inference_mode():
+                probabilities = network(self._batch([patch for _, patch, _ in pending]))
+            for (index, _, flags), tile in zip(pending, probabilities):
+                merger.add(*index, tile, flags)
+            pending.clear()
+
+        for index, (_, result) in zip(indices, reader):
+            if result is not None:
+                pending.append((index, *result))
+                processed += 1
+            if len(pending) == self.batch_size:
+                forward()
+        if pending:
+            forward()
+        merger.finish()
+        return {"processed": processed, "skipped": len(rows) * len(cols) - processed}, network.seconds
+
+    def _grid(self, shape: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Tile starts along y and x, as MONAI's ``WSISlidingWindowSplitter`` places them."""
+        overlap = self.overlap
+        steps = [p - overlap if _is_int(overlap) else round(p * (1 - overlap)) for p in self.patch_size]
+        if min(steps) < 1:
+            raise ValueError(f"overlap {overlap} leaves no step between tiles of {self.patch_size}")
+        rows, cols = (tile_positions(n, p, s) for n, p, s in zip(shape, self.patch_size, steps))
+        return rows, cols
 
     def _areas(
-        self, slide: Slide, slide_path: Path, level: int, counts: np.ndarray, tissue: TissueFilter
+        self, slide: Slide, slide_path: Path, level: int, counts: np.ndarray, tiles: dict[str, int]
     ) -> dict[str, Any]:
         mpp = slide.info.level_mpp(level)
         mm2_per_pixel = None if mpp is None else mpp[0] * mpp[1] * 1e-6
@@ -450,7 +543,7 @@ class WholeSlideSegmenter:
             "patch_size": list(self.patch_size),
             "overlap": self.overlap,
             "min_tissue_fraction": self.min_tissue_fraction,
-            "tiles": {"processed": tissue.kept, "skipped": tissue.skipped},
+            "tiles": tiles,
             "tissue_fraction": tissue_pixels / total,
             "tissue_area_mm2": None if mm2_per_pixel is None else tissue_pixels * mm2_per_pixel,
             "classes": {
@@ -464,6 +557,17 @@ class WholeSlideSegmenter:
             },
         }
 
+    def outputs(self, slide_path: str | os.PathLike) -> dict[str, Path]:
+        """The files :meth:`__call__` writes for ``slide_path``, the areas JSON last."""
+        stem = Path(slide_path).stem
+        names = {"classes": "classes.tif", "overlay": "overlay.png", "areas": "areas.json"}
+        return {kind: self.output_dir / f"{stem}_{name}" for kind, name in names.items()}
+
+    def is_done(self, slide_path: str | os.PathLike) -> bool:
+        """Whether the slide's outputs are complete: every file is written atomically and the areas JSON
+        last, so its presence is enough (used to resume an interrupted batch)."""
+        return self.outputs(slide_path)["areas"].is_file()
+
     def __call__(self, slide_path: str | os.PathLike) -> dict[str, Any]:
         """Segment one slide and write its outputs.
 
@@ -474,7 +578,8 @@ class WholeSlideSegmenter:
             paths) and ``"seconds"`` (``"total"`` and ``"network"``: the forward passes alone).
 
         Raises:
-            InputDataError: the slide is missing or unreadable, or the level/mpp does not fit it.
+            InputDataError: the slide is missing or unreadable (naming the tile that failed to decode),
+                or the level/mpp does not fit it.
         """
         start = time.perf_counter()
         slide_path = Path(slide_path)
@@ -485,29 +590,44 @@ class WholeSlideSegmenter:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".scratch", dir=self.output_dir))
             try:
-                tissue = TissueFilter(self.min_tissue_fraction)
-                probabilities, network_seconds = self._infer(slide_path, level, scratch, tissue)
-                classes, counts = self._class_map(probabilities, shape, scratch, slide, level)
+                classes = _label_array(scratch / "classes_0.zarr", shape, self.tile_size, self.background_index)
+                probabilities = None
+                if self.keep_probabilities:
+                    probabilities = zarr.open_array(
+                        str(scratch / "probabilities.zarr"),
+                        mode="w",
+                        shape=(1, self.num_classes, *shape),
+                        chunks=(1, self.num_classes, _CHUNK, _CHUNK),
+                        dtype="float32",
+                        fill_value=np.nan,
+                        **_zarr_codecs(),
+                    )
+                merger = BandMerger(
+                    shape,
+                    self.patch_size,
+                    *self._grid(shape),
+                    self.num_classes,
+                    self.background_index,
+                    _RowWriter(classes),
+                    probabilities,
+                )
+                tiles, network_seconds = self._infer(slide, level, merger)
                 levels = _pyramid(classes, scratch, self.tile_size, self.background_index)
-                summary = self._areas(slide, slide_path, level, counts, tissue)
-                outputs = {
-                    "classes": self.output_dir / f"{stem}_classes.tif",
-                    "overlay": self.output_dir / f"{stem}_overlay.png",
-                    "areas": self.output_dir / f"{stem}_areas.json",
-                }
+                summary = self._areas(slide, slide_path, level, merger.class_pixels, tiles)
+                outputs = self.outputs(slide_path)
                 write_pyramid_tiff(outputs["classes"], levels, slide.info.level_mpp(level), self.tile_size)
                 thumbnail = _thumbnail(slide, self.thumbnail_size)
                 overlay = Image.fromarray(
                     _overlay(thumbnail, levels, self.palette, self.background_index, self.overlay_alpha)
                 )
                 atomic_write(outputs["overlay"], lambda f: overlay.save(f, format="PNG", compress_level=3))
-                text = json.dumps(summary, indent=2) + "\n"
-                atomic_write(outputs["areas"], lambda f: f.write(text.encode("utf-8")))
-                if self.keep_probabilities and probabilities is not None:
+                if probabilities is not None and tiles["processed"]:
                     outputs["probabilities"] = self.output_dir / f"{stem}_probabilities.zarr"
                     with atomic_directory(outputs["probabilities"]) as staging:
                         for entry in (scratch / "probabilities.zarr").iterdir():
                             os.rename(entry, staging / entry.name)
+                text = json.dumps(summary, indent=2) + "\n"
+                atomic_write(outputs["areas"], lambda f: f.write(text.encode("utf-8")))
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         summary["outputs"] = {name: str(path) for name, path in outputs.items()}
@@ -515,7 +635,7 @@ class WholeSlideSegmenter:
         logger.info(
             "%s: level %d (%d x %d), %d tiles processed, %d skipped, tissue %.1f%%, %.1f s (network %.1f s)"
             " -> %s",
-            slide_path, level, *shape, tissue.kept, tissue.skipped, 100 * summary["tissue_fraction"],
+            slide_path, level, *shape, tiles["processed"], tiles["skipped"], 100 * summary["tissue_fraction"],
             summary["seconds"]["total"], network_seconds, outputs["areas"],
         )
         return summary

@@ -194,10 +194,30 @@ def test_list_slides_takes_a_file_or_the_slides_of_a_folder(tmp_path):
         list_slides(empty)
 
 
-def test_backends(slide_path):
+def write_svs(path: Path, pixels: np.ndarray, levels: int = 2, mpp: float = 0.5, power: int = 20) -> Path:
+    """An Aperio SVS layout: level 0 tiled JPEG with the Aperio description, a stripped thumbnail, then
+    the reduced levels; what OpenSlide's Aperio driver and tifffile's SVS series both read."""
+    height, width = pixels.shape[:2]
+    description = (
+        f"Aperio Image Library v12.0.15\r\n{width}x{height} [0,0 {width}x{height}] (128x128) JPEG/RGB Q=95"
+        f"|AppMag = {power}|MPP = {mpp}"
+    )
+    jpeg = {"photometric": "rgb", "compression": "jpeg", "compressionargs": {"level": 95}, "metadata": None}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(pixels, tile=(128, 128), description=description, **jpeg)
+        tif.write(pixels[::8, ::8], description="Aperio Image Library v12.0.15\r\nthumbnail", **jpeg)
+        for k in range(1, levels):
+            tif.write(pixels[:: 2**k, :: 2**k], tile=(128, 128), description="Aperio", **jpeg)  # not "reduced"
+    return path
+
+
+def test_backends(slide_path, tmp_path):
     has_openslide = optional_import("openslide")[1]
     with open_slide(slide_path, backend="auto") as slide:
-        assert slide.info.backend == ("openslide" if has_openslide else "tifffile")
+        assert slide.info.backend == "tifffile"  # generic pyramidal TIFF
+    svs = write_svs(tmp_path / "slide.svs", slide_pixels(256, 384))
+    with open_slide(svs, backend="auto") as slide:
+        assert slide.info.backend == ("openslide" if has_openslide else "tifffile")  # a vendor format
     with pytest.raises(ValueError, match="backend must be one of"):
         open_slide(slide_path, backend="cucim")
     if not has_openslide:
@@ -219,3 +239,23 @@ def test_write_pyramid_tiff_is_tiled_with_reduced_levels_and_resolution(tmp_path
         np.testing.assert_array_equal(first.asarray(), labels)
         np.testing.assert_array_equal(second.asarray(), labels[::2, ::2])
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+@pytest.mark.skipif(not optional_import("openslide")[1], reason="needs openslide-python and openslide-bin")
+def test_openslide_reads_an_svs_with_its_vendor_metadata(tmp_path):
+    pixels = np.zeros((512, 768, 3), np.uint8)
+    pixels[:, :256] = 255  # glass
+    pixels[:, 256:] = (200, 60, 60)  # solid colours: JPEG keeps them to within a level or two
+    path = write_svs(tmp_path / "slide.svs", pixels, levels=3, mpp=0.25, power=40)
+    with open_slide(path, backend="openslide") as slide, open_slide(path, backend="tifffile") as tiff:
+        for info in (slide.info, tiff.info):
+            assert info.level_dimensions == ((512, 768), (256, 384), (128, 192))
+            assert info.mpp == pytest.approx((0.25, 0.25)) and info.objective_power == 40
+            assert info.vendor == "aperio"
+        assert slide.info.backend == "openslide" and tiff.info.backend == "tifffile"
+        region = read_region(slide, (100, 200), (64, 128), level=1)  # level-0 location, level-1 size
+        expected = np.moveaxis(pixels[::2, ::2][50:114, 100:228], -1, 0)
+        assert np.abs(region.astype(int) - expected).max() <= 3
+        np.testing.assert_array_equal(region, read_region(tiff, (100, 200), (64, 128), level=1))
+        past_edge = read_region(slide, (480, 700), (64, 128))
+        assert (past_edge[:, 32:] == 255).all() and (past_edge[:, :, 68:] == 255).all()  # white, not black

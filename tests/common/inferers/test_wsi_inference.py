@@ -10,12 +10,15 @@ import torch
 import zarr
 from monai.bundle import ConfigParser
 from monai.inferers import sliding_window_inference
+from monai.utils import optional_import
 from PIL import Image
 
 from common.data.histopathology import mask_palette
+from common.data.tile_reader import TiledTiffLevel
 from common.errors import InputDataError
 from common.inferers.wsi import TissueFilter, WholeSlideSegmenter, mode_pool2, segment_slide
-from tests.common.data.test_wsi import slide_pixels, write_slide
+from tests.common.data.test_tile_reader import corrupt_tile
+from tests.common.data.test_wsi import slide_pixels, write_slide, write_svs
 
 BACKGROUND = 4  # five output channels: tissue classes 0..3, background 4
 RED, BLUE, GLASS = (200, 60, 60), (60, 60, 200), (255, 255, 255)
@@ -315,3 +318,39 @@ def test_errors(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             WholeSlideSegmenter(colour_network(), tmp_path / "out", 5, **bad)
+
+
+def test_glass_tiles_are_found_on_a_low_level_and_never_decoded(tmp_path, monkeypatch):
+    """Tissue is detected once on level 2 of the slide; the 256 px tiles of the glass column are then
+    skipped without being read, and every level-0 TIFF tile of the others is decoded exactly once."""
+    levels = []
+    monkeypatch.setattr(
+        "common.inferers.wsi.TiledTiffLevel",
+        lambda *args: levels.append(TiledTiffLevel(*args)) or levels[-1],
+    )
+    slide = write_slide(tmp_path / "slide.tif", glass_red_blue())  # TIFF tiles of 128 px
+    summary = segment_slide(
+        slide, colour_network(), tmp_path / "out", 5, patch_size=256, overlap=0.25, mask_glass=True
+    )
+    assert summary["tiles"] == {"processed": 5 * 3, "skipped": 5}  # starts 0, 192, ... 768 by 0, 192, 384, 576
+    assert len(levels) == 1
+    assert levels[0].decoded == 8 * 5  # columns 256..767 of 128 px tiles, plus column 128..255 (overlap)
+    np.testing.assert_array_equal(read_levels(summary["outputs"]["classes"])[0], expected_classes())
+
+
+def test_a_corrupt_tile_names_the_slide_and_location_and_writes_nothing(tmp_path):
+    slide = write_slide(tmp_path / "slide.tif", glass_red_blue(), levels=1)
+    corrupt_tile(slide, page=0, index=3 * 6 + 4)  # tile (3, 4) of 128 px: rows 384..511, columns 512..639
+    with pytest.raises(InputDataError, match=r"slide\.tif: tile at \(y, x\) = \(256, 512\) of level 0"):
+        segment_slide(slide, colour_network(), tmp_path / "out", 5, patch_size=256, overlap=0)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.skipif(not optional_import("openslide")[1], reason="needs openslide-python and openslide-bin")
+def test_backend_auto_segments_an_svs_through_openslide(tmp_path):
+    slide = write_svs(tmp_path / "slide.svs", glass_red_blue(), levels=3)
+    summary = segment_slide(
+        slide, colour_network(), tmp_path / "out", 5, patch_size=256, overlap=0.25, backend="auto", mask_glass=True
+    )
+    assert summary["tiles"] == {"processed": 5 * 3, "skipped": 5} and summary["mpp"] == [0.5, 0.5]
+    np.testing.assert_array_equal(read_levels(summary["outputs"]["classes"])[0], expected_classes())
