@@ -30,11 +30,11 @@ from common.io.checkpoint import extract_state_dict, load_checkpoint, save_check
 __all__ = [
     "architecture_only",
     "architecture_only_enabled",
+    "backbone_config",
     "create_timm_model",
     "create_vit_backbone",
-    "load_backbone_weights",
     "default_block_indices",
-    "backbone_config",
+    "load_backbone_weights",
     "save_backbone",
 ]
 
@@ -76,10 +76,18 @@ def create_timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with one clear error when pretrained weights cannot be fetched.
 
     Hospitals often train offline; a failed download must say what to do instead of surfacing a
-    network stack trace, and must never fall back to random weights silently. Under
+    network stack trace, and must never fall back to random weights silently; a local weights file
+    (``pretrained_cfg_overlay={"file": ...}``) that does not exist is named as such. Under
     :func:`architecture_only`, ``pretrained`` is ignored.
     """
     pretrained = pretrained and not architecture_only_enabled()
+    weights_file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+    if pretrained and weights_file and not Path(weights_file).is_file():
+        raise InputDataError(
+            weights_file,
+            f"pretrained weights file for timm model '{name}' not found",
+            "pass the path of a timm state dict (e.g. --classifier_weights /models/resnet18.pth)",
+        )
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as err:

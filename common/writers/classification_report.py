@@ -1,4 +1,5 @@
-"""A classification report on disk: JSON figures, the confusion matrix as CSV and as a picture."""
+"""A classification report on disk: JSON figures, the confusion matrix as CSV and as a picture, and
+with a screening view, the abnormal cells of every image as CSV."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ __all__ = ["plot_confusion_matrix", "write_classification_report"]
 
 def write_classification_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> None:
     """Write ``classification_report.json``, ``confusion_matrix.csv`` and ``confusion_matrix.png`` of a
-    :func:`common.metrics.classification.classification_report` into ``output_dir``, each atomically."""
+    :func:`common.metrics.classification.classification_report` into ``output_dir``, each atomically;
+    ``screening_per_image.csv`` too when the report's screening view has per-image counts."""
     output_dir = Path(output_dir)
     class_names = list(report["class_names"])
     text = json.dumps(report, indent=2) + "\n"
@@ -28,6 +30,10 @@ def write_classification_report(report: Mapping[str, Any], output_dir: str | os.
     atomic_write(output_dir / "confusion_matrix.csv", lambda f: f.write(csv_bytes))
     figure = plot_confusion_matrix(np.asarray(report["confusion_matrix"]), class_names)
     atomic_write(output_dir / "confusion_matrix.png", lambda f: figure.savefig(f, format="png"))
+    per_image = report.get("screening", {}).get("per_image")
+    if per_image is not None:
+        screening_bytes = _per_image_csv(per_image).encode("utf-8")
+        atomic_write(output_dir / "screening_per_image.csv", lambda f: f.write(screening_bytes))
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str]) -> Any:
@@ -65,4 +71,14 @@ def _confusion_csv(cm: Sequence[Sequence[int]], class_names: Sequence[str]) -> s
     writer.writerow(["true \\ predicted", *class_names])
     for name, row in zip(class_names, cm):
         writer.writerow([name, *row])
+    return table.getvalue()
+
+
+def _per_image_csv(per_image: Mapping[str, Mapping[str, int]]) -> str:
+    """One row per image: its cells and its true and predicted abnormal cells."""
+    table = io.StringIO()
+    writer = csv_writer(table, lineterminator="\n")
+    writer.writerow(["image", "cells", "true_abnormal", "predicted_abnormal"])
+    for image, counts in per_image.items():
+        writer.writerow([image, counts["cells"], counts["true_abnormal"], counts["predicted_abnormal"]])
     return table.getvalue()

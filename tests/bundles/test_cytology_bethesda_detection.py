@@ -8,17 +8,109 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
+from monai.bundle import ConfigParser
+from torch.utils.data import WeightedRandomSampler
 
 from common.data.cytology import BETHESDA_CLASSES
 from common.data.synthetic.smears import generate_smear_dataset
+from common.errors import InputDataError
+from common.losses.logit_adjusted import LogitAdjustedCrossEntropy
 from common.writers.detections import DETECTION_COLUMNS
 from tests.helpers import REPO_ROOT, bundle_command, run_command
-
-pytestmark = pytest.mark.slow
 
 BUNDLE = REPO_ROOT / "bundles" / "cytology_bethesda_detection"
 CONFIGS = BUNDLE / "configs"
 SMALL_NETWORKS = ["--detector_backbone", "resnet18", "--classifier_backbone", "efficientnet_b0"]
+
+
+TINY_TRAINING = [
+    "--pretrained", "False", "--num_workers", "0", "--progress", "False", *SMALL_NETWORKS,
+    "--detect#input_size", "128", "--detect#epochs", "1", "--detect#batch_size", "2",
+    "--classify#input_size", "64", "--classify#epochs", "1", "--classify#batch_size", "16",
+]
+
+
+def parsed(*names: str, **overrides) -> ConfigParser:
+    """The merged configs as ``monai.bundle run`` sees them, with command-line style overrides."""
+    parser = ConfigParser()
+    parser.read_meta(str(CONFIGS / "metadata.json"))
+    parser.read_config([str(CONFIGS / name) for name in names])
+    for config_id, value in overrides.items():
+        parser[config_id] = value
+    return parser
+
+
+@pytest.fixture(scope="module")
+def tiny_smears(tmp_path_factory) -> Path:
+    return generate_smear_dataset(tmp_path_factory.mktemp("smears") / "data", n_train=2, n_val=1, n_test=0, size=256)
+
+
+def imbalance_corrections(parser: ConfigParser) -> list[str]:
+    """Which corrections for class imbalance the classifier's training applies."""
+    corrections = []
+    if isinstance(parser.get_parsed_content("classify#dataloader").sampler, WeightedRandomSampler):
+        corrections.append("sampler")
+    loss = parser.get_parsed_content("classify#loss")
+    if isinstance(loss, LogitAdjustedCrossEntropy) or getattr(loss, "weight", None) is not None:
+        corrections.append("loss")
+    return corrections
+
+
+def test_default_training_corrects_imbalance_once_in_the_loss(tiny_smears):
+    """Sampler and class weights together suppress the majority class (NILM) twice: the default is
+    the logit-adjusted loss over a uniformly shuffled loader, and the ablation's rows stay reachable."""
+    overrides = {"dataset_dir": str(tiny_smears), "pretrained": False, "classifier_backbone": "resnet18", "num_workers": 0}
+    parser = parsed("train.json", "quick.json", **overrides)
+    assert imbalance_corrections(parser) == ["loss"]
+    assert isinstance(parser.get_parsed_content("classify#loss"), LogitAdjustedCrossEntropy)
+    rows = {
+        ("plain", False): [],
+        ("plain", True): ["sampler"],
+        ("weighted", False): ["loss"],
+        ("weighted", True): ["sampler", "loss"],
+    }
+    for (loss_name, balanced), expected in rows.items():
+        parser = parsed("train.json", **overrides, **{"classify#loss_name": loss_name, "classify#balanced_sampler": balanced})
+        assert imbalance_corrections(parser) == expected, (loss_name, balanced)
+
+
+def test_classifier_starts_from_a_local_weights_file(tmp_path):
+    """An offline machine gets the pretrained start from a file: timm reads it (weights only) and
+    replaces the 1000-class head by one for the 8 Bethesda classes."""
+    source = timm.create_model("resnet18")
+    torch.save(source.state_dict(), tmp_path / "resnet18_imagenet.pth")
+    parser = parsed(
+        "train.json", classifier_backbone="resnet18", pretrained=True,
+        classifier_weights=str(tmp_path / "resnet18_imagenet.pth"), device=torch.device("cpu"),
+    )
+    classifier = parser.get_parsed_content("classifier_def")
+    torch.testing.assert_close(classifier.conv1.weight, source.conv1.weight, rtol=0, atol=0)
+    assert classifier.fc.out_features == len(BETHESDA_CLASSES)
+    parser = parsed("train.json", classifier_backbone="resnet18", pretrained=True, classifier_weights=str(tmp_path / "none.pth"))
+    with pytest.raises(RuntimeError, match="create_timm_model") as raised:  # never a silent random start
+        parser.get_parsed_content("classifier_def")
+    cause = raised.value.__cause__
+    assert isinstance(cause, InputDataError) and cause.path.endswith("none.pth"), cause
+
+
+@pytest.mark.slow
+def test_same_command_gives_the_same_weights(tiny_smears, tmp_path):
+    """Seeded samplers, loaders and deterministic algorithms: two runs of one command train both
+    stages to identical weights."""
+    weights = []
+    for run in ("first", "second"):
+        work = tmp_path / run
+        run_command(bundle_command(
+            "run", "training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(work),
+            "--dataset_dir", str(tiny_smears), "--stage", "both", *TINY_TRAINING,
+        ))
+        weights.append({name: torch.load(work / "models" / name, weights_only=True) for name in ("detector.pt", "classifier.pt")})
+    for name, state in weights[0].items():
+        assert state.keys() == weights[1][name].keys()
+        for key, tensor in state.items():
+            assert torch.equal(tensor, weights[1][name][key]), f"{name}: {key} differs between runs"
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +127,14 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     return data, work
 
 
+@pytest.mark.slow
 def test_both_stages_write_their_weights(trained):
     _, work = trained
     for name in ("detector.pt", "detector_checkpoint_latest.pt", "classifier.pt", "classifier_checkpoint_latest.pt"):
         assert (work / "models" / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_unknown_stage_is_refused(trained):
     data, work = trained
     result = run_command(
@@ -51,6 +145,7 @@ def test_unknown_stage_is_refused(trained):
     assert result.returncode != 0 and "stage must be one of" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_and_infer(trained, tmp_path):
     data, work = trained
     common = ["--bundle_root", str(work), "--num_workers", "0", "--patch_size", "[128,128]", "--conf", "0.01",
@@ -62,6 +157,8 @@ def test_evaluate_and_infer(trained, tmp_path):
         assert 0.0 <= detection[key] <= 1.0, key
     classification = json.loads((work / "eval" / "test" / "classification_report.json").read_text())
     assert classification["n_samples"] > 0 and 0.0 <= classification["balanced_accuracy"] <= 1.0
+    assert classification["screening"]["abnormal_classes"] == ["ASCUS", "LSIL", "HSIL", "ASCH", "SCC"]
+    assert (work / "eval" / "test" / "screening_per_image.csv").read_text().startswith("image,cells,true_abnormal")
 
     output_dir = tmp_path / "out"
     run_command(bundle_command("run", "--config_file", str(CONFIGS / "inference.json"),
@@ -78,6 +175,7 @@ def test_evaluate_and_infer(trained, tmp_path):
     assert (output_dir / "overlays" / "000_overlay.png").is_file()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
     """Both stages under torchrun with 2 CPU processes: distributed samplers (the classifier's weighted
     one included) and rank-0-only checkpoints."""

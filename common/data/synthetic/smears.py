@@ -18,8 +18,9 @@ differ the way the Bethesda categories do, so a classifier has something real to
 * ENDO: a tight three-dimensional group of small cells with uniform round nuclei (honeycomb).
 
 Around them lie red blood cells, mucus strands and specks of debris, on unevenly stained background,
-with uneven focus, illumination and noise. Classes are imbalanced like real smears (NILM about 60 %),
-but each split holds every class at least :data:`MIN_PER_CLASS` times, so per-class metrics exist.
+with uneven focus, illumination and noise. Classes are imbalanced like the real training set (NILM
+and INFL about 30 % each, ASC-US and ASC-H about 2 %), but each split holds every class at least
+:data:`MIN_PER_CLASS` times, so per-class metrics exist.
 
 Command line::
 
@@ -44,18 +45,20 @@ from common.data.cytology import ANNOTATION_COLUMNS, BETHESDA_CLASSES
 from common.data.synthetic.output import SPLITS, synthetic_dataset_folder, write_dataset_json
 from common.errors import InputDataError
 
-__all__ = ["BOX_SIZE", "CLASS_PRIOR", "MIN_PER_CLASS", "synthesize_smear", "generate_smear_dataset", "main"]
+__all__ = ["BOX_SIZE", "CLASS_PRIOR", "MIN_PER_CLASS", "generate_smear_dataset", "main", "synthesize_smear"]
 
 BOX_SIZE = 100
+# Annotation frequencies of the real training set: NILM and INFL about 30 % each, ASC-US and ASC-H,
+# the uncertain categories, about 2 % each.
 CLASS_PRIOR = {
-    "NILM": 0.60,
-    "ENDO": 0.05,
-    "INFL": 0.07,
-    "ASCUS": 0.08,
-    "LSIL": 0.07,
-    "HSIL": 0.06,
-    "ASCH": 0.04,
-    "SCC": 0.03,
+    "NILM": 0.30,
+    "ENDO": 0.04,
+    "INFL": 0.30,
+    "ASCUS": 0.02,
+    "LSIL": 0.12,
+    "HSIL": 0.12,
+    "ASCH": 0.02,
+    "SCC": 0.08,
 }
 MIN_PER_CLASS = 3
 _GENERATOR = "common.data.synthetic.smears"
@@ -492,12 +495,11 @@ def _split_classes(rng: np.random.Generator, n_images: int, size: int) -> list[l
     split, every class at least :data:`MIN_PER_CLASS` times, NILM taking the rest."""
     per_image = np.round(_OBJECTS_PER_PIXEL * size**2 * rng.uniform(0.8, 1.2, n_images))
     per_image = np.maximum(1, per_image).astype(int)
-    shortfall = MIN_PER_CLASS * len(CLASS_PRIOR) - per_image.sum()
+    counts = {name: max(MIN_PER_CLASS, int(p * per_image.sum())) for name, p in CLASS_PRIOR.items() if name != "NILM"}
+    shortfall = sum(counts.values()) + MIN_PER_CLASS - int(per_image.sum())  # NILM needs its minimum too
     if shortfall > 0:
         per_image += shortfall // n_images + (np.arange(n_images) < shortfall % n_images)
-    total = int(per_image.sum())
-    counts = {name: max(MIN_PER_CLASS, int(p * total)) for name, p in CLASS_PRIOR.items() if name != "NILM"}
-    counts["NILM"] = total - sum(counts.values())
+    counts["NILM"] = int(per_image.sum()) - sum(counts.values())
     names = np.array([name for name in BETHESDA_CLASSES for _ in range(counts[name])])
     names = rng.permutation(names)
     return [chunk.tolist() for chunk in np.split(names, np.cumsum(per_image)[:-1])]

@@ -69,3 +69,33 @@ def test_inside_monai_supervised_evaluator():
     evaluator.run()
     assert evaluator.state.metrics["balanced_accuracy"] == pytest.approx(BALANCED)
     assert evaluator.state.metrics["accuracy"] == pytest.approx(6 / 9)
+
+
+def test_screening_view_with_per_image_counts(tmp_path):
+    """Through MONAI's evaluator, with image names collated beside the labels as CellCropDataset gives
+    them: the screening metrics, the JSON section and the per-image CSV."""
+    images = ["a.png"] * 4 + ["b.png"] * 5
+    data = [{"image": _logits(p), "label": torch.tensor(t), "name": n} for t, p, n in zip(Y_TRUE, Y_PRED, images)]
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=DataLoader(Dataset(data), batch_size=4), network=torch.nn.Identity()
+    )
+    ClassificationReportHandler(
+        NAMES, output_dir=tmp_path, prefix="test", abnormal_classes=["LSIL", "HSIL", "SCC"], image_key="name"
+    ).attach(evaluator)
+    evaluator.run()
+    assert evaluator.state.metrics["test_screening_sensitivity"] == pytest.approx(5 / 6)
+    assert evaluator.state.metrics["test_screening_specificity"] == pytest.approx(2 / 3)
+    report = json.loads((tmp_path / "classification_report.json").read_text())
+    assert report["screening"]["per_image"]["b.png"] == {"cells": 5, "true_abnormal": 5, "predicted_abnormal": 4}
+    assert report["screening_sensitivity"] == pytest.approx(5 / 6)
+    with open(tmp_path / "screening_per_image.csv", newline="") as f:
+        assert list(csv.reader(f)) == [
+            ["image", "cells", "true_abnormal", "predicted_abnormal"], ["a.png", "4", "1", "2"], ["b.png", "5", "5", "4"]
+        ]
+
+
+def test_screening_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"abnormal classes \['ASCUS'\] are not among"):
+        ClassificationReportHandler(NAMES, abnormal_classes=["ASCUS"])
+    with pytest.raises(ValueError, match="set abnormal_classes too"):
+        ClassificationReportHandler(NAMES, image_key="name")
