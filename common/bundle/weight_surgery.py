@@ -122,6 +122,9 @@ def target_from_config(
 ) -> nn.Module:
     """Build ``network_id`` from bundle configs (merged in order) without reading any weights."""
     parser = ConfigParser()
+    metadata = Path(config_files[0]).parent / "metadata.json"
+    if metadata.is_file():  # configs may refer to @_meta_ (class names), as `monai.bundle run` allows
+        parser.read_meta(str(metadata))
     parser.read_config([str(f) for f in config_files])
     if network_id not in parser:
         raise InputDataError(

@@ -124,9 +124,6 @@ def overlay(entry: Mapping[str, Any], colours: np.ndarray) -> np.ndarray:
     """An entry's angiogram (the labelled frame) as HxWx3 uint8 with each segment tinted by its
     category's colour; where segments overlap the later one shows."""
     image = read_angiogram(entry["image"], entry.get("frame")).astype(np.float32)
-    masks = decode_segmentations(
-        [a["segmentation"] for a in entry["annotations"]], entry["height"], entry["width"]
-    )
     if image.shape[:2] != (entry["height"], entry["width"]):
         raise InputDataError(
             entry["image"],

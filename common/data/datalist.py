@@ -18,6 +18,7 @@ def image_datalist(
     exclude_suffixes: Sequence[str] = ("_masks", "_mask", "_seg", "_instances", "_overlay"),
     recursive: bool = False,
     key: str = "image",
+    suffixes: Sequence[str] = IMAGE_SUFFIXES,
 ) -> list[dict[str, str]]:
     """``[{key: path}, ...]`` for every image under ``input_dir``, sorted, skipping label files.
 
@@ -28,6 +29,7 @@ def image_datalist(
         exclude_suffixes: file stems ending with these are labels or outputs, not inputs.
         recursive: look into sub-folders.
         key: the dictionary key of each entry.
+        suffixes: file suffixes (lower case) that count as images, e.g. with ``.dcm`` for DICOM.
 
     Raises:
         InputDataError: the path does not exist or holds no images.
@@ -41,8 +43,8 @@ def image_datalist(
     files = sorted(
         p
         for p in root.glob(pattern)
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith(tuple(exclude_suffixes))
+        if p.is_file() and p.suffix.lower() in suffixes and not p.stem.endswith(tuple(exclude_suffixes))
     )
     if not files:
-        raise InputDataError(root, f"no images with suffix {', '.join(IMAGE_SUFFIXES)} found")
+        raise InputDataError(root, f"no images with suffix {', '.join(suffixes)} found")
     return [{key: str(p)} for p in files]

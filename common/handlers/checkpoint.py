@@ -20,10 +20,11 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
+from common.errors import InputDataError
 from common.io.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
 from common.utils import unwrap_module
 
-__all__ = ["TrainingCheckpoint", "BestModelSaver", "ModelWeightsLoader"]
+__all__ = ["BestModelSaver", "ModelWeightsLoader", "TrainingCheckpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,5 +177,15 @@ class ModelWeightsLoader:
 
     def __call__(self, engine: Engine | None = None) -> None:
         state = extract_state_dict(load_checkpoint(self.load_path, sha256=self.sha256), self.key)
-        unwrap_module(self.network).load_state_dict(state, strict=self.strict)
-        logger.info("loaded weights from %s", self.load_path)
+        network = unwrap_module(self.network)
+        if not self.strict and not set(state) & set(network.state_dict()):
+            raise InputDataError(
+                self.load_path,
+                f"none of its {len(state)} tensors matches a parameter of {type(network).__name__}",
+                "map its keys onto this network first with `python -m common.bundle.weight_surgery`",
+            )
+        result = network.load_state_dict(state, strict=self.strict)
+        logger.info(
+            "loaded weights from %s (%d missing, %d unexpected)",
+            self.load_path, len(result.missing_keys), len(result.unexpected_keys),
+        )  # fmt: skip

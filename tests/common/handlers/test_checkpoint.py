@@ -87,6 +87,19 @@ def test_model_weights_loader(tmp_path):
         ModelWeightsLoader(path, target, sha256="f" * 64)()
 
 
+def test_non_strict_loading_refuses_a_checkpoint_that_matches_nothing(tmp_path):
+    """strict=False (a phase started from another network's weights) must not silently keep a random network."""
+    path = save_checkpoint({"other.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    target = torch.nn.Linear(2, 2)
+    before = target.weight.detach().clone()
+    with pytest.raises(InputDataError, match="none of its 1 tensors matches"):
+        ModelWeightsLoader(path, target, strict=False)()
+    torch.testing.assert_close(target.weight, before)
+    partial = save_checkpoint({"weight": torch.ones(2, 2)}, tmp_path / "partial.pt")
+    ModelWeightsLoader(partial, target, strict=False)()  # the bias stays as it was
+    torch.testing.assert_close(target.weight, torch.ones(2, 2))
+
+
 def test_invalid_arguments(tmp_path):
     with pytest.raises(ValueError, match="save_interval"):
         TrainingCheckpoint(tmp_path, {"n": torch.nn.Linear(1, 1)}, save_interval=0)
