@@ -7,14 +7,17 @@ slide and the tile's location, where MONAI's ``ThreadBuffer`` would end the iter
 
 :class:`TiledTiffLevel` reads regions of one level of a tiled TIFF by decoding its TIFF tiles directly,
 each tile once while the planned regions still need it: overlapping patches share tiles, and decoding
-them again would cost up to four times the bare decode of the level.
+them again would cost up to four times the bare decode of the level. A kept tile is cut down to the rows
+that the regions still to come need, so the cache holds about the overlap between tile rows across the
+level's width rather than whole TIFF tiles.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
-from collections import Counter, deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -37,8 +40,9 @@ class TiledTiffLevel:
         tif: the open TIFF (its file handle is shared; reads are serialised by a lock, decoding is not).
         level: index into ``tif.series[0].levels``.
         plan: the regions that will be read, as ``(top, left, height, width)`` in pixels of the level; each
-            TIFF tile they touch is decoded once and dropped after the last planned region that needs it.
-            Regions outside the plan are read too, decoding their tiles without keeping them.
+            TIFF tile they touch is decoded once, cut to the rows later planned regions need as earlier
+            ones are read, and dropped after the last. Regions outside the plan are read too, decoding
+            their tiles without keeping them.
 
     Raises:
         ValueError: the level is not tiled, not contiguous RGB(A), or not 8-bit (use another reader).
@@ -57,10 +61,12 @@ class TiledTiffLevel:
         self._fh = tif.filehandle
         self._file_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._cache: dict[tuple[int, int], Future[np.ndarray]] = {}
-        self._uses: Counter[tuple[int, int]] = Counter()
-        for region in plan:
-            self._uses.update(self._tiles(*region))
+        # a kept tile's future gives (rows from its first row still needed, that row's index in the tile)
+        self._cache: dict[tuple[int, int], Future[tuple[np.ndarray, int]]] = {}
+        self._uses: defaultdict[tuple[int, int], list[int]] = defaultdict(list)  # sorted first rows needed
+        for top, left, height, width in plan:
+            for ty, tx in self._tiles(top, left, height, width):
+                bisect.insort(self._uses[ty, tx], max(top - ty * self.tile_shape[0], 0))
         self.decoded = 0  # tiles decoded so far, to check that none is decoded twice
 
     def _tiles(self, top: int, left: int, height: int, width: int) -> list[tuple[int, int]]:
@@ -79,28 +85,42 @@ class TiledTiffLevel:
         tile, _, _ = self.keyframe.decode(data, index, jpegtables=self.keyframe.jpegtables)
         return tile.reshape(*self.tile_shape, -1)[..., :3]
 
-    def _tile(self, key: tuple[int, int]) -> np.ndarray:
+    def _tile(self, key: tuple[int, int]) -> tuple[np.ndarray, int]:
+        """The tile's pixels from row ``first`` on, and ``first``."""
         with self._lock:
             future = self._cache.get(key)
             owner = future is None
             if owner:
                 future = Future()
                 self.decoded += 1
-                if self._uses[key] > 1:
+                if len(self._uses.get(key, ())) > 1:
                     self._cache[key] = future
         if owner:
             try:
-                future.set_result(self._decode(*key))
+                future.set_result((self._decode(*key), 0))
             except Exception as err:  # noqa: BLE001 - handed on to every reader waiting for this tile
                 future.set_exception(err)
         return future.result()
 
-    def _release(self, key: tuple[int, int]) -> None:
+    def _release(self, key: tuple[int, int], first_row: int) -> None:
+        """A region needing the tile from ``first_row`` on is done: drop the tile after its last region,
+        else cut it to the rows the regions left need (a copy, so the whole tile is freed)."""
         with self._lock:
-            if self._uses[key] > 0:
-                self._uses[key] -= 1
-                if self._uses[key] == 0:
-                    self._cache.pop(key, None)
+            uses = self._uses.get(key, [])
+            index = bisect.bisect_left(uses, first_row)
+            if index == len(uses) or uses[index] != first_row:
+                return  # a region outside the plan
+            uses.pop(index)
+            future = self._cache.get(key)
+            if not uses:
+                del self._uses[key]
+                self._cache.pop(key, None)
+            elif future is not None and future.done() and future.exception() is None:
+                pixels, first = future.result()
+                if uses[0] > first:
+                    cut: Future[tuple[np.ndarray, int]] = Future()
+                    cut.set_result((pixels[uses[0] - first :].copy(), uses[0]))
+                    self._cache[key] = cut
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         """``(height, width, 3)`` uint8 pixels; the part past the level's edge is white."""
@@ -109,17 +129,24 @@ class TiledTiffLevel:
         keys = self._tiles(top, left, height, width)
         try:
             for ty, tx in keys:
-                tile = self._tile((ty, tx))
+                tile, first = self._tile((ty, tx))
                 y0, x0 = max(top, ty * th), max(left, tx * tw)
                 y1 = min(top + height, (ty + 1) * th, self.shape[0])
                 x1 = min(left + width, (tx + 1) * tw, self.shape[1])
                 region[y0 - top : y1 - top, x0 - left : x1 - left] = tile[
-                    y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw
+                    y0 - ty * th - first : y1 - ty * th - first, x0 - tx * tw : x1 - tx * tw
                 ]
         finally:
-            for key in keys:
-                self._release(key)
+            for ty, tx in keys:
+                self._release((ty, tx), max(top - ty * th, 0))
         return region
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of decoded pixels kept for later regions."""
+        with self._lock:
+            futures = [f for f in self._cache.values() if f.done() and f.exception() is None]
+        return sum(f.result()[0].nbytes for f in futures)
 
     @property
     def cached_tiles(self) -> int:

@@ -7,6 +7,12 @@ every tile edge into *cells*: all pixels of a cell are covered by the same tiles
 running sum of its tiles' probabilities and a single count. Once the last tile touching a cell (in
 raster order) has been added or skipped, the cell is final: its arg-max class goes into the rows handed
 to ``write_rows`` and its memory is freed. Nothing is written to disk unless probabilities are asked for.
+
+With ``stride > 1`` the tiles' probabilities stay at the network's output stride (DeepLab-v2: 1/8 of the
+tile's side): cells are blended there, 1/stride² of the memory and of the softmax, and each block of
+final rows is upsampled bilinearly once by :class:`StrideUpsampler`, which computes full-resolution
+scores only where the four nearest blended pixels disagree on the class (elsewhere any convex blend of
+them, bilinear included, has the same arg-max), so the cost is that of the class boundaries.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BandMerger", "argmax_first", "tile_positions"]
+__all__ = ["BandMerger", "StrideUpsampler", "argmax_first", "tile_positions"]
 
 
 def tile_positions(size: int, patch: int, step: int) -> list[int]:
@@ -57,19 +63,128 @@ def _last_tile(edges: list[int], starts: Sequence[int], patch: int) -> list[int]
     return last
 
 
+_NONE = 255  # label of a blended pixel that no kept tile covers, before it becomes background
+
+
+class StrideUpsampler:
+    """Full-resolution class rows from blended probabilities at an output stride, bilinearly upsampled
+    (as ``F.interpolate(scale_factor=stride, mode="bilinear", align_corners=False)`` would, edges
+    clamped) and arg-maxed, one block of final rows at a time, holding one blended row of context.
+
+    Full-resolution pixels fall into *quads* of ``stride x stride`` whose scores blend the same four
+    blended pixels; where those four agree on the class the quad takes it (a convex blend keeps an
+    arg-max that all its terms share), elsewhere its scores are computed and arg-maxed. Blended pixels
+    no kept tile covers weigh nothing (their probabilities are zero), and full-resolution pixels whose
+    own blended pixel is uncovered are ``background_index``.
+
+    Args:
+        shape: ``(H, W)`` at full resolution.
+        stride: the output stride ``s``; blended rows are ``ceil(W / s)`` wide.
+        background_index: class of uncovered pixels and of glass in ``tissue`` flags.
+        write_rows: called with ``(top, labels)``, a uint8 ``(h, W)`` block, top to bottom, every row once.
+        probabilities: as :class:`BandMerger`'s, filled with the upsampled probabilities; ``None``: none.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        stride: int,
+        background_index: int,
+        write_rows: Callable[[int, np.ndarray], None],
+        probabilities: Any = None,
+    ) -> None:
+        self.shape, self.stride = (int(shape[0]), int(shape[1])), int(stride)
+        self.low_rows = -(-self.shape[0] // self.stride)
+        self.background_index, self.write_rows, self.probabilities = background_index, write_rows, probabilities
+        self.half = (self.stride + 1) // 2  # a quad starts this many pixels before its lower-right blended pixel
+        offsets = np.arange(self.stride)
+        self.weights = ((offsets - self.half + 0.5) / self.stride + 0.5).astype(np.float32)  # of the later pixel
+        self.own_column = np.arange(self.shape[1]) // self.stride + 1  # in rows padded by one column each side
+        self._received = 0  # blended rows received
+        self._context: tuple[np.ndarray, np.ndarray] | None = None  # the last blended row, padded
+        self._tissue: np.ndarray | None = None  # flags of the full-resolution rows not written yet
+        self._top = 0  # first full-resolution row not written
+
+    def push(self, probabilities: np.ndarray, covered: np.ndarray, tissue: np.ndarray | None = None) -> None:
+        """Add the next ``(C, h, ceil(W / s))`` blended rows (zero where ``covered`` is false) and, optionally,
+        the tissue flags of their full-resolution rows; write every full-resolution row they complete."""
+        padded = np.pad(probabilities, ((0, 0), (0, 0), (1, 1)), mode="edge")
+        labels = np.where(np.pad(covered, ((0, 0), (1, 1)), mode="edge"), argmax_first(padded), _NONE)
+        first_quad = self._received  # quad q blends blended rows q - 1 and q (clamped)
+        above = (padded[:, :1], labels[:1]) if self._context is None else self._context
+        self._received += probabilities.shape[1]
+        below = (padded[:, -1:], labels[-1:]) if self._received == self.low_rows else (padded[:, :0], labels[:0])
+        self._context = (padded[:, -1:], labels[-1:])
+        rows = np.concatenate([above[0], padded, below[0]], axis=1)
+        row_labels = np.concatenate([above[1], labels, below[1]])
+        if tissue is not None:
+            self._tissue = tissue if self._tissue is None else np.concatenate([self._tissue, tissue])
+        blocks = [self._quad_row(rows, row_labels, q, first_quad + q) for q in range(len(row_labels) - 1)]
+        blocks = [block for block in blocks if block[0].shape[0]]
+        if not blocks:
+            return
+        block_labels = np.concatenate([block[0] for block in blocks])
+        if self._tissue is not None:
+            block_labels[~self._tissue[: len(block_labels)]] = self.background_index
+            self._tissue = self._tissue[len(block_labels) :]
+        if self.probabilities is not None:
+            block_probabilities = np.concatenate([block[1] for block in blocks], axis=1)
+            self.probabilities[0, :, self._top : self._top + len(block_labels)] = block_probabilities
+        self.write_rows(self._top, block_labels)
+        self._top += len(block_labels)
+
+    def _scores(self, rows: np.ndarray, q: int, quads: np.ndarray) -> np.ndarray:
+        """``(C, n, s, s)`` bilinear scores of the quads ``quads`` of quad row ``q`` of ``rows``."""
+        w = self.weights
+        upper = rows[:, q, quads, None] * (1 - w) + rows[:, q, quads + 1, None] * w
+        lower = rows[:, q + 1, quads, None] * (1 - w) + rows[:, q + 1, quads + 1, None] * w
+        return upper[:, :, None, :] * (1 - w)[:, None] + lower[:, :, None, :] * w[:, None]
+
+    def _quad_row(
+        self, rows: np.ndarray, labels: np.ndarray, q: int, quad: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels (and probabilities, when kept) of the full-resolution rows of quad row ``quad``."""
+        s, half, (height, width) = self.stride, self.half, self.shape
+        top = s * quad - half
+        first = max(0, -top)
+        stop = max(first, min(s, height - top))
+        a, b, c, d = labels[q, :-1], labels[q, 1:], labels[q + 1, :-1], labels[q + 1, 1:]
+        quads = len(a)
+        block = np.repeat(np.repeat(a, s)[None], s, axis=0)  # (s, quads * s), uniform quads
+        mixed = np.flatnonzero((a != b) | (a != c) | (a != d))
+        if len(mixed):
+            block.reshape(s, quads, s).transpose(1, 0, 2)[mixed] = argmax_first(self._scores(rows, q, mixed))
+        own = np.where((np.arange(s) < half)[:, None], labels[q, self.own_column], labels[q + 1, self.own_column])
+        block = block[first:stop, half : half + width]
+        own = own[first:stop]
+        block[own == _NONE] = self.background_index
+        if self.probabilities is None:
+            return block, None
+        covered = (labels != _NONE).astype(np.float32)[None]
+        scores = self._scores(np.concatenate([rows, covered]), q, np.arange(quads))
+        scores = scores.transpose(0, 2, 1, 3).reshape(len(scores), s, quads * s)[:, first:stop, half : half + width]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            averaged = scores[:-1] / scores[-1:]
+        averaged[:, own == _NONE] = np.nan
+        return block, averaged
+
+
 class BandMerger:
     """Average class probabilities of overlapping tiles and arg-max them, a band of rows at a time.
 
     Tiles are ``ph x pw`` and start at ``rows x columns`` (each ascending); call :meth:`add` for the
     tiles kept, in raster order (tiles not added are skipped), then :meth:`finish`. Every pixel whose
-    tiles were all skipped is ``background_index``.
+    tiles were all skipped is ``background_index``. With ``stride = s > 1`` a tile's probabilities are
+    ``(C, ph / s, pw / s)`` (the network's output stride), blended at that resolution and upsampled by a
+    :class:`StrideUpsampler` once final; tile sizes and starts must then be multiples of ``s``.
 
-    Memory: the sums held never exceed ``4 * C * ((ph - sy) * W + ph * pw)`` bytes (float32; one byte
-    per pixel of the same area more with tissue flags), for ``C`` classes, a slide ``W`` pixels wide and
-    a step of ``sy`` rows between tile rows: the rows that the next tile row will overlap, across the whole
-    width, plus the cells of the tile just added. It does not depend on the slide's height; for 512 px
-    tiles with 25% overlap and 5 classes it is 2.5 kB per column of the slide plus 5 MB: 100 MB for a
-    slide 40k pixels wide.
+    Memory: the sums held never exceed ``4 * C * ((ph - sy) / s * ceil(W / s) + ph * pw / s**2)`` bytes
+    (float32; with tissue flags, ``(ph - sy) * W + ph * pw`` bytes more), for ``C`` classes, a slide
+    ``W`` pixels wide and a step of ``sy`` rows between tile rows: the rows that the next tile row will
+    overlap, across the whole width, plus the cells of the tile just added. It does not depend on the
+    slide's height; for 512 px tiles with 25% overlap and 5 classes it is 2.5 kB per column of the slide
+    plus 5 MB at full resolution (``s = 1``): 100 MB for a slide 40k pixels wide; at output stride 8,
+    1.6 MB (plus 5 MB of tissue flags).
 
     Args:
         shape: ``(H, W)`` of the slide level.
@@ -81,6 +196,7 @@ class BandMerger:
             top to bottom, every row once.
         probabilities: where averaged probabilities go, an array-like ``(1, C, H, W)`` (e.g. zarr) filled
             with NaN beforehand (pixels no kept tile covers are not written), or ``None`` to keep none.
+        stride: the resolution of the tiles' probabilities relative to the slide level's.
     """
 
     def __init__(
@@ -93,26 +209,36 @@ class BandMerger:
         background_index: int,
         write_rows: Callable[[int, np.ndarray], None],
         probabilities: Any = None,
+        stride: int = 1,
     ) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.patch_size = (int(patch_size[0]), int(patch_size[1]))
         self.rows, self.columns = list(rows), list(columns)
         if self.rows != sorted(set(self.rows)) or self.columns != sorted(set(self.columns)):
             raise ValueError("tile rows and columns must be strictly ascending")
-        self.num_classes, self.background_index = num_classes, background_index
+        if stride < 1 or any(v % stride for v in (*self.patch_size, *self.rows, *self.columns)):
+            raise ValueError(f"tile sizes and starts must be multiples of the stride, got stride {stride}")
+        self.num_classes, self.background_index, self.stride = num_classes, background_index, int(stride)
         self.write_rows, self.probabilities = write_rows, probabilities
-        self.y_edges = _edges(self.shape[0], self.rows, self.patch_size[0])
-        self.x_edges = _edges(self.shape[1], self.columns, self.patch_size[1])
+        # the cell grid lives at the probabilities' resolution
+        low_shape = [-(-n // self.stride) for n in self.shape]
+        self._patch = [n // self.stride for n in self.patch_size]
+        self._starts = [[v // self.stride for v in starts] for starts in (self.rows, self.columns)]
+        self.y_edges = _edges(low_shape[0], self._starts[0], self._patch[0])
+        self.x_edges = _edges(low_shape[1], self._starts[1], self._patch[1])
         # a cell is final once the last tile touching it has passed; both lists are non-decreasing, so cells
         # become final row after row, left to right within a row, and need no list of their own
-        self._last_row = _last_tile(self.y_edges, self.rows, self.patch_size[0])
-        self._last_column = _last_tile(self.x_edges, self.columns, self.patch_size[1])
+        self._last_row = _last_tile(self.y_edges, self._starts[0], self._patch[0])
+        self._last_column = _last_tile(self.x_edges, self._starts[1], self._patch[1])
         self._final_rows = [0] * (len(self.y_edges) - 1)  # final cells of each cell row, from the left
         self._sums: dict[tuple[int, int], np.ndarray] = {}
         self._counts: dict[tuple[int, int], int] = {}
         self._tissue: dict[tuple[int, int], np.ndarray] = {}
-        self._row_labels: dict[int, np.ndarray] = {}
-        self._rows_written = 0  # cell rows handed to write_rows
+        self._row_blocks: dict[int, list[np.ndarray | None]] = {}  # a cell row's finalised parts
+        self._upsampler = None
+        if self.stride > 1:
+            self._upsampler = StrideUpsampler(self.shape, self.stride, background_index, self._write, probabilities)
+        self._rows_written = 0  # cell rows handed on
         self._last_added = -1
         self.class_pixels = np.zeros(num_classes, dtype=np.int64)
         self.peak_bytes = 0  # most bytes of sums and tissue flags held at once
@@ -122,20 +248,21 @@ class BandMerger:
         return range(first, bisect.bisect_left(edges, min(start + patch, size)))
 
     def add(self, row: int, column: int, probabilities: np.ndarray, tissue: np.ndarray | None = None) -> None:
-        """Add the ``(C, ph, pw)`` probabilities of the tile at grid index ``(row, column)``; ``tissue``
-        (``(ph, pw)`` bool, optional) marks the pixels that are tissue, the others become background."""
+        """Add the ``(C, ph / s, pw / s)`` probabilities of the tile at grid index ``(row, column)``;
+        ``tissue`` (``(ph, pw)`` bool, optional) marks the pixels that are tissue, the others become
+        background."""
         index = row * len(self.columns) + column
         if index <= self._last_added:
             raise ValueError(f"tiles must come in raster order: tile {(row, column)} came after a later one")
-        expected = (self.num_classes, *self.patch_size)
+        expected = (self.num_classes, *self._patch)
         if probabilities.shape != expected:
             raise ValueError(f"expected tile probabilities of shape {expected}, got {probabilities.shape}")
         self._last_added = index
         self._finalise_before(index)
-        top, left = self.rows[row], self.columns[column]
-        for r in self._cell_span(self.y_edges, top, self.patch_size[0], self.shape[0]):
+        s, top, left = self.stride, self._starts[0][row], self._starts[1][column]
+        for r in self._cell_span(self.y_edges, top, self._patch[0], self.y_edges[-1]):
             y0, y1 = self.y_edges[r], self.y_edges[r + 1]
-            for c in self._cell_span(self.x_edges, left, self.patch_size[1], self.shape[1]):
+            for c in self._cell_span(self.x_edges, left, self._patch[1], self.x_edges[-1]):
                 # by construction no tile touches a final cell: its last tile came before this one
                 assert c >= self._final_rows[r], f"tile {(row, column)} touches final cell {(r, c)}"
                 x0, x1 = self.x_edges[c], self.x_edges[c + 1]
@@ -146,8 +273,9 @@ class BandMerger:
                 else:
                     self._sums[r, c] = part.astype(np.float32, copy=True)
                     self._counts[r, c] = 1
-                if tissue is not None:
-                    self._tissue[r, c] = tissue[y0 - top : y1 - top, x0 - left : x1 - left]
+                if tissue is not None:  # at full resolution, cut at the slide's edge
+                    rows = slice(s * (y0 - top), min(s * y1, self.shape[0]) - s * top)
+                    self._tissue[r, c] = tissue[rows, s * (x0 - left) : min(s * x1, self.shape[1]) - s * left]
         held = sum(s.nbytes for s in self._sums.values()) + sum(t.nbytes for t in self._tissue.values())
         self.peak_bytes = max(self.peak_bytes, held)
 
@@ -167,25 +295,53 @@ class BandMerger:
                 self._finalise(r, c)
             r += 1
 
+    def _write(self, top: int, labels: np.ndarray) -> None:
+        # a count per class rather than np.bincount, which would copy the block as 8-byte integers
+        self.class_pixels += [np.count_nonzero(labels == k) for k in range(self.num_classes)]
+        self.write_rows(top, labels)
+
     def _finalise(self, r: int, c: int) -> None:
-        y0, y1, x0, x1 = self.y_edges[r], self.y_edges[r + 1], self.x_edges[c], self.x_edges[c + 1]
+        """Finalise cell ``(r, c)``: at full resolution its labels, else its averaged probabilities, go into
+        its cell row, which is handed on once all its cells are final."""
         sums, count = self._sums.pop((r, c), None), self._counts.pop((r, c), 0)
-        if sums is None:
-            labels = np.full((y1 - y0, x1 - x0), self.background_index, dtype=np.uint8)
+        tissue = self._tissue.pop((r, c), None)
+        blocks = self._row_blocks.setdefault(r, [])
+        if self.stride == 1:
+            y0, y1, x0, x1 = self.y_edges[r], self.y_edges[r + 1], self.x_edges[c], self.x_edges[c + 1]
+            if sums is None:
+                labels = np.full((y1 - y0, x1 - x0), self.background_index, dtype=np.uint8)
+            else:
+                labels = argmax_first(sums)  # dividing by the cell's one count changes no order
+                if tissue is not None:
+                    labels[~tissue] = self.background_index
+                if self.probabilities is not None:
+                    self.probabilities[0, :, y0:y1, x0:x1] = sums / np.float32(count)
+            blocks.append(labels)
         else:
-            labels = argmax_first(sums)  # dividing by the cell's one count changes no order
-            tissue = self._tissue.pop((r, c), None)
-            if tissue is not None:
-                labels[~tissue] = self.background_index
-            if self.probabilities is not None:
-                self.probabilities[0, :, y0:y1, x0:x1] = sums / np.float32(count)
-        self.class_pixels += np.bincount(labels.ravel(), minlength=self.num_classes)
-        row_labels = self._row_labels.get(r)
-        if row_labels is None:
-            row_labels = self._row_labels[r] = np.empty((y1 - y0, self.shape[1]), dtype=np.uint8)
-        row_labels[:, x0:x1] = labels
+            blocks.append(None if sums is None else sums / np.float32(count))
+            blocks.append(tissue)
         self._final_rows[r] += 1
         cells_per_row = len(self.x_edges) - 1
         while self._rows_written < len(self._final_rows) and self._final_rows[self._rows_written] == cells_per_row:
-            self.write_rows(self.y_edges[self._rows_written], self._row_labels.pop(self._rows_written))
+            self._hand_on(self._rows_written, self._row_blocks.pop(self._rows_written))
             self._rows_written += 1
+
+    def _hand_on(self, r: int, blocks: list[np.ndarray | None]) -> None:
+        """Write a complete cell row, or push it to the upsampler."""
+        if self._upsampler is None:
+            self._write(self.y_edges[r], np.concatenate(blocks, axis=1))
+            return
+        s, (height, width) = self.stride, self.shape
+        rows = self.y_edges[r + 1] - self.y_edges[r]
+        probabilities = np.zeros((self.num_classes, rows, self.x_edges[-1]), np.float32)
+        covered = np.zeros((rows, self.x_edges[-1]), bool)
+        tissue = None
+        for (x0, x1), averaged, flags in zip(itertools.pairwise(self.x_edges), blocks[0::2], blocks[1::2]):
+            if averaged is not None:
+                probabilities[:, :, x0:x1] = averaged
+                covered[:, x0:x1] = True
+            if flags is not None:
+                if tissue is None:
+                    tissue = np.ones((min(s * self.y_edges[r + 1], height) - s * self.y_edges[r], width), bool)
+                tissue[:, s * x0 : min(s * x1, width)] = flags
+        self._upsampler.push(probabilities, covered, tissue)

@@ -6,7 +6,10 @@ decoded ahead of the network by a :class:`~common.data.tile_reader.PrefetchingTi
 each TIFF tile once, see :class:`~common.data.tile_reader.TiledTiffLevel`); the network's class
 probabilities are averaged over overlapping tiles by a :class:`~common.inferers.band_merger.BandMerger`,
 which holds only a band of rows as wide as the slide and hands final class-map rows on as soon as no
-later tile touches them. The tiles are placed as MONAI's ``WSISlidingWindowSplitter`` places them.
+later tile touches them. By default they are blended at the network's output stride (DeepLab-v2: 8) and
+only final rows are upsampled, bilinearly, before the arg-max: 1/64 of the softmax and of the band's
+memory, and class maps that differ from full-resolution blending only along class boundaries. The
+tiles are placed as MONAI's ``WSISlidingWindowSplitter`` places them.
 Pixels that no kept tile covers are labelled ``background_index``, never class 0.
 
 Outputs, per slide ``<stem>``, each written atomically into ``output_dir``:
@@ -52,10 +55,11 @@ from common.transforms.tissue import (
     tissue_mask,
 )
 
-__all__ = ["TissueFilter", "WholeSlideSegmenter", "mode_pool2", "segment_slide"]
+__all__ = ["BLENDS", "TissueFilter", "WholeSlideSegmenter", "mode_pool2", "segment_slide"]
 
 logger = logging.getLogger(__name__)
 
+BLENDS = ("output_stride", "full")  # where overlapping tiles are averaged, see WholeSlideSegmenter
 _CHUNK = 256  # spatial chunk of the probabilities' zarr array: ~1 MB blocks, small waste at tile edges
 _READ_BLOCK = 2048  # side of the blocks read for the thumbnail and the tissue map (12 MB of RGB)
 _OVERLAY_ROWS = 256  # rows of the overlay blended at once
@@ -108,21 +112,39 @@ def mode_pool2(labels: np.ndarray) -> np.ndarray:
     """Halve a label map: each output pixel is the most frequent of its 2x2 block, ties going to the
     top-left pixel (as plain striding would). Odd sizes are padded by repeating the last row/column."""
     padded = np.pad(labels, ((0, labels.shape[0] % 2), (0, labels.shape[1] % 2)), mode="edge")
-    quads = np.stack([padded[0::2, 0::2], padded[0::2, 1::2], padded[1::2, 0::2], padded[1::2, 1::2]])
-    votes = (quads[:, None] == quads[None]).sum(axis=1)  # how many of the four share each one's value
-    return np.take_along_axis(quads, votes.argmax(axis=0)[None], axis=0)[0]  # argmax: first of the ties
+    a, b, c, d = padded[0::2, 0::2], padded[0::2, 1::2], padded[1::2, 0::2], padded[1::2, 1::2]
+    # a value shared by two of four is a mode, and no other value can then win more than two: the top-left
+    # one when it is shared, else the first of the others that is, else (all differ) the top-left one
+    return np.where((a == b) | (a == c) | (a == d), a, np.where((b == c) | (b == d), b, np.where(c == d, c, a)))
 
 
 class _ProbabilityNetwork:
-    """The network as the merger needs it: softmax probabilities at the tile's size, as float32 NumPy;
+    """The network as the merger needs it: softmax probabilities as float32 NumPy, at the network's output
+    stride when ``at_stride`` and the tile grid allows it (see :meth:`stride`), else at the tile's size;
     also times the forward passes, so reading, blending and writing can be told apart."""
 
     def __init__(
-        self, network: Callable, num_classes: int, device: torch.device, amp: bool, channels_last: bool
+        self,
+        network: Callable,
+        num_classes: int,
+        device: torch.device,
+        amp: bool,
+        channels_last: bool,
+        at_stride: bool,
+        starts: Sequence[int],
     ) -> None:
         self.network, self.num_classes, self.device, self.amp = network, num_classes, device, amp
-        self.channels_last = channels_last
+        self.channels_last, self.at_stride, self.starts = channels_last, at_stride, starts
+        self.stride: int | None = None  # of the probabilities returned, known after the first batch
         self.seconds = 0.0
+
+    def _stride(self, tile: Sequence[int], output: Sequence[int]) -> int:
+        """The output stride when the tiles' sizes and starts are multiples of it, else 1 (upsampled)."""
+        ratios = {t // o if t % o == 0 else 0 for t, o in zip(tile, output)}
+        stride = ratios.pop() if len(ratios) == 1 else 0
+        if not self.at_stride or stride <= 1 or any(start % stride for start in self.starts):
+            return 1
+        return stride
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         start = time.perf_counter()
@@ -133,7 +155,9 @@ class _ProbabilityNetwork:
         if not isinstance(logits, torch.Tensor) or logits.ndim != 4 or logits.shape[1] != self.num_classes:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"network must return (B, {self.num_classes}, H, W) class scores, got {shape}")
-        if logits.shape[-2:] != batch.shape[-2:]:  # a stride-8 head's scores are smooth: bilinear suffices
+        if self.stride is None:
+            self.stride = self._stride(batch.shape[-2:], logits.shape[-2:])
+        if self.stride == 1 and logits.shape[-2:] != batch.shape[-2:]:  # a stride-8 head's scores are smooth
             size = batch.shape[-2:]
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
         probabilities = torch.softmax(logits.float(), dim=1).contiguous().cpu().numpy()  # waits for the device
@@ -309,8 +333,9 @@ class WholeSlideSegmenter:
 
     Args:
         network: maps a ``(B, 3, h, w)`` float batch to ``(B, num_classes, h', w')`` class scores
-            (logits; softmaxed here before blending; a coarser ``h', w'`` is upsampled bilinearly). It must
-            already be on ``device``; an ``nn.Module`` is put in eval mode.
+            (logits; softmaxed here before blending; a coarser ``h', w'`` is upsampled bilinearly, after
+            blending with ``blend="output_stride"``). It must already be on ``device``; an ``nn.Module`` is
+            put in eval mode.
         output_dir: folder for the outputs (created if missing). The zarr scratch arrays (the class map
             and its pyramid levels before they go into the TIFF, and the probabilities when kept) live in a
             hidden temporary folder inside it (a RAM-backed ``/tmp`` would defeat the purpose); it is
@@ -347,6 +372,12 @@ class WholeSlideSegmenter:
             stride only; this restores the pixel-level tissue outline (from the tiles already read).
         workers: threads decoding tiles ahead of the network; 0 decodes in the calling thread.
         channels_last: feed the network channels-last batches (faster convolutions on CUDA with AMP).
+        blend: ``"output_stride"`` averages the softmaxed scores of overlapping tiles at the network's output
+            resolution and upsamples only final rows (bilinear) before the arg-max: for DeepLab-v2 (stride
+            8) 1/64 of the softmax and band memory, and class maps that agree with ``"full"`` (every
+            tile's scores upsampled, softmaxed and averaged at full resolution) on at least 99.5% of the
+            pixels, differing only along class boundaries. It falls back to ``"full"`` when the tiles'
+            sizes or starts are not multiples of the output stride.
     """
 
     def __init__(
@@ -374,6 +405,7 @@ class WholeSlideSegmenter:
         mask_glass: bool = False,
         workers: int = 2,
         channels_last: bool = False,
+        blend: str = "output_stride",
     ) -> None:
         if not callable(network):
             raise TypeError(f"network must be callable, got {type(network).__name__}")
@@ -426,6 +458,9 @@ class WholeSlideSegmenter:
         self.mask_glass = mask_glass
         self.workers = _check_int("workers", workers, 0)
         self.channels_last = bool(channels_last)
+        if blend not in BLENDS:
+            raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+        self.blend = blend
         self.network = network
         self.output_dir = Path(output_dir)
 
@@ -475,10 +510,13 @@ class WholeSlideSegmenter:
         batch = (batch.permute(0, 3, 1, 2) if self.channels_last else batch).float()
         return batch if self.preprocess is None else self.preprocess(batch)
 
-    def _infer(self, slide: Slide, level: int, merger: BandMerger) -> tuple[dict[str, int], float]:
-        """Run the kept tiles through the network into ``merger``; tiles processed/skipped and the
+    def _infer(
+        self, slide: Slide, level: int, make_merger: Callable[[list[int], list[int], int], BandMerger]
+    ) -> tuple[BandMerger, dict[str, int], float]:
+        """Run the kept tiles through the network into the merger ``make_merger(rows, columns, stride)``
+        makes once the network's output stride is known; the merger, tiles processed/skipped and the
         network's seconds."""
-        rows, cols = merger.rows, merger.columns
+        rows, cols = self._grid(slide.info.level_dimensions[level])
         share = self._tissue_share(slide, level, rows, cols) if self.min_tissue_fraction > 0 else None
         check_tiles = share is None and self.min_tissue_fraction > 0
         keep = np.ones((len(rows), len(cols)), bool) if share is None else share >= self.min_tissue_fraction
@@ -494,18 +532,23 @@ class WholeSlideSegmenter:
             # the layout the batch needs, made here in the reader's thread rather than in the network's
             return (patch if self.channels_last else np.ascontiguousarray(patch.transpose(2, 0, 1))), flags
 
-        network = _ProbabilityNetwork(self.network, self.num_classes, self.device, self.amp, self.channels_last)
+        at_stride = self.blend == "output_stride"
+        network = _ProbabilityNetwork(
+            self.network, self.num_classes, self.device, self.amp, self.channels_last, at_stride, rows + cols
+        )
         if isinstance(self.network, torch.nn.Module):
             self.network.eval()
         locations = [(rows[i], cols[j]) for i, j in indices]
         reader = PrefetchingTileReader(read, locations, slide.info.path, level, self.workers, 2 * self.batch_size)
-        processed, pending = 0, []
+        processed, pending, mergers = 0, [], []
 
         def forward() -> None:
             with torch.inference_mode():
                 probabilities = network(self._batch([patch for _, patch, _ in pending]))
+            if not mergers:
+                mergers.append(make_merger(rows, cols, network.stride))
             for (index, _, flags), tile in zip(pending, probabilities):
-                merger.add(*index, tile, flags)
+                mergers[0].add(*index, tile, flags)
             pending.clear()
 
         for index, (_, result) in zip(indices, reader):
@@ -516,8 +559,9 @@ class WholeSlideSegmenter:
                 forward()
         if pending:
             forward()
+        merger = mergers[0] if mergers else make_merger(rows, cols, 1)
         merger.finish()
-        return {"processed": processed, "skipped": len(rows) * len(cols) - processed}, network.seconds
+        return merger, {"processed": processed, "skipped": len(rows) * len(cols) - processed}, network.seconds
 
     def _grid(self, shape: Sequence[int]) -> tuple[list[int], list[int]]:
         """Tile starts along y and x, as MONAI's ``WSISlidingWindowSplitter`` places them."""
@@ -529,8 +573,9 @@ class WholeSlideSegmenter:
         return rows, cols
 
     def _areas(
-        self, slide: Slide, slide_path: Path, level: int, counts: np.ndarray, tiles: dict[str, int]
+        self, slide: Slide, slide_path: Path, level: int, merger: BandMerger, tiles: dict[str, int]
     ) -> dict[str, Any]:
+        counts = merger.class_pixels
         mpp = slide.info.level_mpp(level)
         mm2_per_pixel = None if mpp is None else mpp[0] * mpp[1] * 1e-6
         total = int(counts.sum())
@@ -543,6 +588,7 @@ class WholeSlideSegmenter:
             "patch_size": list(self.patch_size),
             "overlap": self.overlap,
             "min_tissue_fraction": self.min_tissue_fraction,
+            "blend": {"mode": self.blend, "stride": merger.stride},
             "tiles": tiles,
             "tissue_fraction": tissue_pixels / total,
             "tissue_area_mm2": None if mm2_per_pixel is None else tissue_pixels * mm2_per_pixel,
@@ -573,7 +619,8 @@ class WholeSlideSegmenter:
 
         Returns:
             the content of ``<stem>_areas.json`` (slide, level, shape and mpp of the processed level,
-            tiles processed/skipped, tissue fraction and area, and per class its index, pixels, fraction
+            where tiles were blended (``blend``: mode and the stride used), tiles processed/skipped,
+            tissue fraction and area, and per class its index, pixels, fraction
             and area in mm^2, ``None`` when the slide has no resolution) plus ``"outputs"`` (the written
             paths) and ``"seconds"`` (``"total"`` and ``"network"``: the forward passes alone).
 
@@ -602,18 +649,22 @@ class WholeSlideSegmenter:
                         fill_value=np.nan,
                         **_zarr_codecs(),
                     )
-                merger = BandMerger(
-                    shape,
-                    self.patch_size,
-                    *self._grid(shape),
-                    self.num_classes,
-                    self.background_index,
-                    _RowWriter(classes),
-                    probabilities,
-                )
-                tiles, network_seconds = self._infer(slide, level, merger)
+                def make_merger(rows: list[int], cols: list[int], stride: int) -> BandMerger:
+                    return BandMerger(
+                        shape,
+                        self.patch_size,
+                        rows,
+                        cols,
+                        self.num_classes,
+                        self.background_index,
+                        _RowWriter(classes),
+                        probabilities,
+                        stride,
+                    )
+
+                merger, tiles, network_seconds = self._infer(slide, level, make_merger)
                 levels = _pyramid(classes, scratch, self.tile_size, self.background_index)
-                summary = self._areas(slide, slide_path, level, merger.class_pixels, tiles)
+                summary = self._areas(slide, slide_path, level, merger, tiles)
                 outputs = self.outputs(slide_path)
                 write_pyramid_tiff(outputs["classes"], levels, slide.info.level_mpp(level), self.tile_size)
                 thumbnail = _thumbnail(slide, self.thumbnail_size)

@@ -31,11 +31,16 @@ def test_tiled_tiff_level_reads_regions_decoding_each_planned_tile_once(tmp_path
     padded = np.pad(pixels, ((96, 96), (96, 96), (0, 0)), constant_values=255)
     with tifffile.TiffFile(path) as tif:
         level = TiledTiffLevel(tif, 0, plan)
+        held = []  # (tiles kept, bytes kept) after each region
         for top, left, height, width in plan:
             region = level.read(top, left, height, width)
             np.testing.assert_array_equal(region, padded[top + 96 : top + 96 + height, left + 96 : left + 96 + width])
+            held.append((level.cached_tiles, level.cached_bytes))
         assert level.decoded == 5 * 4  # 300 x 200 in 64 px tiles, each decoded once
         assert level.cached_tiles == 0  # all released after their last planned region
+        # kept tiles are cut to the rows later regions need: 24 overlapping rows of a 96 px region every
+        # 72 px fall in one or two tile rows, never whole tiles across the width
+        assert max(size for _, size in held) < 0.75 * max(tiles for tiles, _ in held) * 64 * 64 * 3
         np.testing.assert_array_equal(TiledTiffLevel(tif, 1).read(10, 20, 30, 40), pixels[::2, ::2][10:40, 20:60])
 
 
