@@ -95,6 +95,25 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(trained, tmp_path):
     torch.testing.assert_close(initial["backbone.vit.pos_embed"][:, 0], encoder["pos_embed"][:, 0])
 
 
+def test_the_same_commands_give_the_same_weights(trained, tmp_path):
+    """Pretraining and fine-tuning rerun from the same seed end at exactly the same weights."""
+    data, work = trained
+    again = tmp_path / "again"
+    _pretrain(data / "isic", again)
+    run_command(bundle_command(
+        "run", "training", "--config_file", str(CONFIGS / "train.json"), *_train_args(data, again),
+        "--backbone_checkpoint", str(again / "models" / "ssl_vit_backbone.pt"),
+    ))
+    from common.io.checkpoint import extract_state_dict, load_checkpoint
+
+    for name, key in (("ssl_vit_backbone.pt", None), ("checkpoint_latest.pt", "network")):
+        first = extract_state_dict(load_checkpoint(work / "models" / name), key)
+        second = extract_state_dict(load_checkpoint(again / "models" / name), key)
+        assert first.keys() == second.keys()
+        for tensor_name, tensor in first.items():
+            assert torch.equal(tensor, second[tensor_name]), f"{name}: {tensor_name} differs between runs"
+
+
 def test_training_writes_best_and_latest_checkpoints_and_validation_metrics(trained):
     _, work = trained
     assert {"model.pt", "checkpoint_latest.pt"} <= {p.name for p in (work / "models").iterdir()}

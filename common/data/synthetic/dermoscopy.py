@@ -2,9 +2,9 @@
 
 The demo and the tests read them through the real reader (:func:`common.data.dermoscopy.read_isic_folder`).
 Each image imitates what makes real dermoscopy hard to segment: textured skin of varied tone, hairs
-crossing the lesion, the dark circular vignette of a contact dermoscope, lesions with irregular
-borders and variegated colour (brown, black and blue-grey patches, a lighter rim), and sometimes a
-second lesion. Masks are the drawn lesion regions, so they are exact by construction.
+crossing the lesion, a ruler's scale marks along an edge, the dark circular vignette of a contact
+dermoscope, the colour cast of each camera's white balance, lesions with irregular borders and
+variegated colour (brown, black and blue-grey patches, a lighter rim), and sometimes a second lesion. Masks are the drawn lesion regions, so they are exact by construction.
 
 Layout::
 
@@ -31,7 +31,7 @@ from scipy import ndimage
 from common.data.dermoscopy import ISIC_MASK_SUFFIX
 from common.data.synthetic.output import synthetic_dataset_folder, write_dataset_json
 
-__all__ = ["SUBFOLDERS", "synthesize_dermoscopy_image", "generate_dermoscopy_dataset", "main"]
+__all__ = ["SUBFOLDERS", "generate_dermoscopy_dataset", "main", "synthesize_dermoscopy_image"]
 
 SUBFOLDERS = ("labelled", "unlabelled")
 _GENERATOR = "common.data.synthetic.dermoscopy"
@@ -45,6 +45,8 @@ _LESION_COLOURS = {
 _HARMONICS = np.arange(2, 9)  # border irregularity, from lobes to fine notches
 _TWO_LESION_PROBABILITY = 0.3
 _JPEG_QUALITY = 92
+_RULER_PROBABILITY = 0.3
+_WHITE_BALANCE_RANGE = (0.88, 1.12)  # per-channel gain: the colour cast differs between devices
 
 
 def _smooth_field(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
@@ -116,6 +118,21 @@ def _hairs(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(ndimage.gaussian_filter(layer, 0.6) * 2.5, 0.0, 0.9)
 
 
+def _ruler(rng: np.random.Generator, size: int) -> np.ndarray:
+    """HxW opacity of a ruler along a random edge, in ``_RULER_PROBABILITY`` of the images: a line
+    with a tick every ``size / 32`` pixels and a longer one every fifth, as printed millimetre scales."""
+    layer = np.zeros((size, size), dtype=np.float32)
+    if rng.uniform() >= _RULER_PROBABILITY:
+        return layer
+    row = int(rng.uniform(0.03, 0.08) * size)
+    spacing, tick = max(size // 32, 2), max(size // 40, 2)
+    layer[row, :] = 1.0
+    for i, col in enumerate(range(int(rng.integers(0, spacing)), size, spacing)):
+        layer[row : row + (2 * tick if i % 5 == 0 else tick), col] = 1.0
+    layer = np.rot90(layer, int(rng.integers(0, 4)))
+    return np.clip(ndimage.gaussian_filter(layer, 0.5) * 2.0, 0.0, 0.85)
+
+
 def _vignette(rng: np.random.Generator, size: int) -> np.ndarray:
     """HxW brightness factor: 1 in the dermoscope's field, falling to near 0 outside its circular rim."""
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
@@ -145,7 +162,10 @@ def synthesize_dermoscopy_image(
         mask |= _paint_lesion(rng, image, _lesion_region(rng, size, np.asarray(centre), radius))
     hair = _hairs(rng, size)[..., None]
     image = image * (1 - hair) + np.array([40, 28, 22], dtype=np.float32) * hair
+    ruler = _ruler(rng, size)[..., None]
+    image = image * (1 - ruler) + np.array([30, 30, 35], dtype=np.float32) * ruler
     image = ndimage.gaussian_filter(image, (0.7, 0.7, 0)) * _vignette(rng, size)[..., None]
+    image = image * rng.uniform(*_WHITE_BALANCE_RANGE, 3).astype(np.float32)
     return np.clip(np.round(image), 0, 255).astype(np.uint8), mask
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 from common.data.dermoscopy import read_binary_mask, read_isic_folder, read_unlabelled_images
-from common.data.synthetic.dermoscopy import generate_dermoscopy_dataset, synthesize_dermoscopy_image
+from common.data.synthetic.dermoscopy import _ruler, generate_dermoscopy_dataset, synthesize_dermoscopy_image
 from common.errors import InputDataError
 
 SIZE = 96
@@ -44,6 +44,24 @@ def test_lesions_are_darker_than_the_skin_around_them():
     ring = ndimage.binary_dilation(mask, iterations=6) & ~ndimage.binary_dilation(mask, iterations=2)
     grey = image.mean(axis=2)
     assert grey[mask].mean() < grey[ring].mean() - 10
+
+
+def test_some_images_have_a_ruler_with_evenly_spaced_ticks():
+    layers = [_ruler(np.random.default_rng(seed), 128) for seed in range(20)]
+    drawn = [layer for layer in layers if layer.any()]
+    assert 0 < len(drawn) < len(layers)
+    layer = drawn[0]
+    # the ruler lies along one edge: turned to the top, its ticks hang below the line
+    top = max((np.rot90(layer, k) for k in range(4)), key=lambda turned: turned[:16].sum())[:16]
+    line = int(np.argmax(top.sum(axis=1)))
+    ticks = np.flatnonzero(top[line + 2] > 0.3)
+    assert len(ticks) >= 10 and len(set(np.diff(ticks))) == 1
+
+
+def test_white_balance_varies_the_colour_of_the_same_skin_between_images():
+    means = [synthesize_dermoscopy_image(np.random.default_rng([5, i]), SIZE, 1)[0].mean((0, 1)) for i in range(6)]
+    ratios = np.array([mean / mean.sum() for mean in means])
+    assert ratios.std(axis=0).max() > 0.01
 
 
 def test_generation_is_deterministic_and_reruns_replace_only_their_own_output(dataset, tmp_path):
