@@ -4,7 +4,10 @@ The network predicts, for every pixel, its distance to the cell border divided b
 distance in the same cell, so every cell peaks near 1 in its centre whatever its size, and touching
 cells are separated by a valley. Two thresholds turn the map into instances: regions above
 ``cells_max`` are the seeds (one per cell), pixels above ``cell_fill`` are cell, and a watershed on the
-negated map grows each seed over its cell until it meets a neighbour in the valley.
+negated map grows each seed over its cell until it meets a neighbour in the valley. A network trained on
+few images predicts a noisy map whose threshold contours are ragged; smoothing the map with a Gaussian
+of ``smooth_sigma`` pixels first gives outlines as smooth as the cells (the threshold search picks the
+width by SEG on the validation split).
 
 The best thresholds depend on the data, so :mod:`common.postprocessing.threshold_search` tunes them on
 the validation split and writes them to a JSON file that :func:`load_watershed_thresholds` reads back.
@@ -23,6 +26,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type, ensure_tuple
+from scipy.ndimage import gaussian_filter
 from skimage.measure import label as connected_components
 from skimage.segmentation import relabel_sequential, watershed
 
@@ -30,11 +34,12 @@ from common.errors import InputDataError
 from common.utils import as_plane
 
 __all__ = [
-    "check_thresholds",
-    "remove_small_instances",
-    "distance_map_watershed",
     "DistanceMapWatershedd",
+    "check_smooth_sigma",
+    "check_thresholds",
+    "distance_map_watershed",
     "load_watershed_thresholds",
+    "remove_small_instances",
 ]
 
 
@@ -58,9 +63,18 @@ def remove_small_instances(labels: np.ndarray, min_size: int) -> np.ndarray:
     return relabel_sequential(labels)[0].astype(np.int32, copy=False)
 
 
+def check_smooth_sigma(smooth_sigma: float) -> None:
+    """Raise ``ValueError`` for a negative smoothing width."""
+    if smooth_sigma < 0:
+        raise ValueError(f"smooth_sigma must be >= 0 pixels, got {smooth_sigma}")
+
 
 def distance_map_watershed(
-    dist_map: np.ndarray | torch.Tensor, cells_max: float = 0.5, cell_fill: float = 0.05, min_size: int = 0
+    dist_map: np.ndarray | torch.Tensor,
+    cells_max: float = 0.5,
+    cell_fill: float = 0.05,
+    min_size: int = 0,
+    smooth_sigma: float = 0.0,
 ) -> np.ndarray:
     """Split a normalised distance map into cell instances.
 
@@ -69,12 +83,16 @@ def distance_map_watershed(
         cells_max: seeds are the connected regions above this value, one per cell.
         cell_fill: pixels above this value belong to a cell.
         min_size: objects with fewer pixels are removed (0 keeps everything).
+        smooth_sigma: standard deviation in pixels of the Gaussian applied to the map first (0: none).
 
     Returns:
         int32 labels of shape (H, W): 0 is background, cells are numbered 1..N without gaps.
     """
     check_thresholds(cells_max, cell_fill)
+    check_smooth_sigma(smooth_sigma)
     dist = as_plane(dist_map, "distance map", dtype=np.float32)
+    if smooth_sigma > 0:
+        dist = gaussian_filter(dist, smooth_sigma, mode="nearest")
     markers = connected_components(dist > cells_max)
     return remove_small_instances(watershed(-dist, markers, mask=dist > cell_fill), min_size)
 
@@ -91,6 +109,7 @@ class DistanceMapWatershedd(MapTransform):
         cells_max: seed threshold, see :func:`distance_map_watershed`.
         cell_fill: foreground threshold.
         min_size: smallest object kept, in pixels.
+        smooth_sigma: Gaussian smoothing of the map before thresholding, in pixels.
         output_key: where the labels are stored, one key per entry of ``keys``.
         allow_missing_keys: do not fail when a key is absent.
     """
@@ -101,16 +120,19 @@ class DistanceMapWatershedd(MapTransform):
         cells_max: float = 0.5,
         cell_fill: float = 0.05,
         min_size: int = 0,
+        smooth_sigma: float = 0.0,
         output_key: str | Sequence[str] = "instances",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         check_thresholds(cells_max, cell_fill)
+        check_smooth_sigma(smooth_sigma)
         if min_size < 0:
             raise ValueError(f"min_size must be >= 0, got {min_size}")
         self.cells_max = cells_max
         self.cell_fill = cell_fill
         self.min_size = min_size
+        self.smooth_sigma = smooth_sigma
         self.output_keys = ensure_tuple(output_key)
         if len(self.output_keys) != len(self.keys):
             raise ValueError(
@@ -121,7 +143,9 @@ class DistanceMapWatershedd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key, output_key in self.key_iterator(d, self.output_keys):
-            labels = distance_map_watershed(d[key], self.cells_max, self.cell_fill, self.min_size)
+            labels = distance_map_watershed(
+                d[key], self.cells_max, self.cell_fill, self.min_size, self.smooth_sigma
+            )
             d[output_key] = convert_to_dst_type(labels[None], d[key], dtype=torch.int32)[0]
         return d
 
@@ -134,7 +158,8 @@ def load_watershed_thresholds(
     Args:
         path: JSON file written by :func:`common.postprocessing.threshold_search.save_watershed_thresholds`.
         default: the thresholds to use without a file; its keys (e.g. ``cells_max``, ``cell_fill``,
-            ``min_size``) are the ones read from the file, each converted to the type of its default.
+            ``min_size``, ``smooth_sigma``) are the ones read from the file, each converted to the type
+            of its default. ``smooth_sigma`` alone may be absent (files from before smoothing: 0.0).
 
     Raises:
         InputDataError: the file exists but is not valid JSON, lacks one of the keys, holds a
@@ -149,6 +174,7 @@ def load_watershed_thresholds(
         raise InputDataError(path, f"not a readable JSON file of watershed thresholds ({err})") from err
     if not isinstance(content, dict):
         raise InputDataError(path, f"expected a JSON object of thresholds, found {type(content).__name__}")
+    content.setdefault("smooth_sigma", 0.0)
     missing = [key for key in default if key not in content]
     if missing:
         raise InputDataError(path, f"missing watershed threshold(s) {missing}; found {sorted(content)}")
@@ -160,9 +186,10 @@ def load_watershed_thresholds(
         if isinstance(fallback, int) and not float(value).is_integer():
             raise InputDataError(path, f"{key!r} must be a whole number, found {value!r}")
         thresholds[key] = type(fallback)(value)
-    if "cells_max" in thresholds and "cell_fill" in thresholds:
-        try:
+    try:
+        if "cells_max" in thresholds and "cell_fill" in thresholds:
             check_thresholds(thresholds["cells_max"], thresholds["cell_fill"])
-        except ValueError as err:
-            raise InputDataError(path, str(err)) from err
+        check_smooth_sigma(thresholds.get("smooth_sigma", 0.0))
+    except ValueError as err:
+        raise InputDataError(path, str(err)) from err
     return thresholds

@@ -22,6 +22,8 @@ from common.networks.timm_backbone import architecture_only
 from tests.helpers import REPO_ROOT
 
 NAME = "microscopy_dinocell_segmentation"
+SOURCE_VERSION = json.loads((REPO_ROOT / "bundles" / NAME / "configs" / "metadata.json").read_text())["version"]
+EXPORTED_VERSION = bump_version(SOURCE_VERSION, "patch")
 # a 4-block ViT with patch 8 and a narrow decoder: these tests are about packing, not accuracy
 TINY_NETWORK = {"depth": 4, "embed_dim": 32, "num_heads": 2, "decoder_channels": [32, 16, 16, 8]}
 REPORT = {"SEG": 0.61, "DET": 0.72, "OP_CSB": 0.665, "overall": {"n_images": 2}, "per_image": []}
@@ -65,7 +67,7 @@ def write_report(bundle: Path, report: dict = REPORT) -> Path:
 def trained_bundle(root: Path) -> Path:
     bundle = tiny_bundle(root)
     save_random_weights(bundle)
-    (bundle / "models" / "watershed_thresholds.json").write_text('{"cells_max": 0.4, "cell_fill": 0.1}')
+    (bundle / "models" / "watershed_thresholds.json").write_text('{"cells_max": 0.9, "cell_fill": 0.5}')
     save_checkpoint({"network": {}}, bundle / "models" / "checkpoint_latest.pt")
     write_report(bundle)
     return bundle
@@ -95,7 +97,7 @@ def test_bump_version():
 
 def test_archive_layout_and_weights_listed_with_sha256(exported):
     bundle, archive = exported
-    assert archive.name == f"{NAME}_v0.2.1.zip"
+    assert archive.name == f"{NAME}_v{EXPORTED_VERSION}.zip"
     with zipfile.ZipFile(archive) as zf:
         names = set(zf.namelist())
         large_files = yaml.safe_load(zf.read(f"{NAME}/large_files.yml"))["large_files"]
@@ -114,8 +116,8 @@ def test_archive_layout_and_weights_listed_with_sha256(exported):
 def test_metadata_version_changelog_versions_and_metrics(exported):
     bundle, archive = exported
     metadata = archive_metadata(archive)
-    assert metadata["version"] == "0.2.1" and metadata["changelog"]["0.2.1"] == "tiny weights"
-    assert "0.2.0" in metadata["changelog"], "older changelog entries are kept"
+    assert metadata["version"] == EXPORTED_VERSION and metadata["changelog"][EXPORTED_VERSION] == "tiny weights"
+    assert SOURCE_VERSION in metadata["changelog"], "older changelog entries are kept"
     required = metadata["required_packages_version"]
     assert required["monai-imaging-bundles"] == importlib.metadata.version("monai-imaging-bundles")
     assert required["timm"] == importlib.metadata.version("timm"), "this site's versions, not typed ones"
@@ -126,7 +128,7 @@ def test_metadata_version_changelog_versions_and_metrics(exported):
     assert metadata["eval_report"]["sha256"] == sha256sum(bundle / "eval" / "test" / "ctc_metrics.json")
     assert metadata["eval_report"]["evaluated"].endswith("+00:00")
     source = json.loads((bundle / "configs" / "metadata.json").read_text())
-    assert source["version"] == "0.2.0", "the bundle itself is not modified"
+    assert source["version"] == SOURCE_VERSION, "the bundle itself is not modified"
 
 
 def test_exported_torchscript_matches_the_weights(exported):

@@ -24,7 +24,7 @@ from common.data import cell_arrays
 from common.data.synthetic.cells import generate_cell_dataset
 from common.errors import InputDataError
 from common.io.checkpoint import save_checkpoint, sha256sum
-from tests.common.bundle.test_export import NAME, trained_bundle
+from tests.common.bundle.test_export import EXPORTED_VERSION, NAME, trained_bundle
 from tests.helpers import bundle_command, run_command
 
 Edit = Callable[[dict[str, bytes]], None]
@@ -86,14 +86,14 @@ def refused(source: Path, dest: Path, match: str, **kwargs) -> None:
 
 def test_import_places_a_verified_bundle_that_monai_loads(archive, dest, capsys):
     assert main([str(archive), "--dest", str(dest)]) == 0
-    assert "version 0.2.1" in capsys.readouterr().out
+    assert f"version {EXPORTED_VERSION}" in capsys.readouterr().out
     assert (dest / "configs" / "inference.json").is_file() and (dest / "eval" / "ctc_metrics.json").is_file()
     assert [path.name for path in dest.parent.iterdir()] == [NAME], "no staging folder is left"
     weights = torch.load(dest / "models" / "model.pt", weights_only=True)
     network = monai.bundle.load(NAME, bundle_dir=dest.parent, model=_tiny_network(dest), device="cpu")
     torch.testing.assert_close(network.state_dict(), weights)
     ts, metadata, _ = monai.bundle.load(NAME, bundle_dir=dest.parent, load_ts_module=True, device="cpu")
-    assert metadata["version"] == "0.2.1" and isinstance(ts, torch.jit.ScriptModule)
+    assert metadata["version"] == EXPORTED_VERSION and isinstance(ts, torch.jit.ScriptModule)
 
 
 def _tiny_network(bundle: Path) -> torch.nn.Module:

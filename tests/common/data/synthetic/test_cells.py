@@ -9,7 +9,14 @@ from PIL import Image
 from scipy import ndimage
 
 from common.data.cell_readers import read_cellpose_folder
-from common.data.synthetic.cells import generate_cell_dataset, main, synthesize_cell_image, voronoi_labels
+from common.data.synthetic.cells import (
+    DENSITIES,
+    LOOKS,
+    generate_cell_dataset,
+    main,
+    synthesize_cell_image,
+    voronoi_labels,
+)
 from common.errors import InputDataError
 
 SIZE = (96, 112)
@@ -18,7 +25,7 @@ SIZE = (96, 112)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
-    return generate_cell_dataset(root / "cells", 3, 1, 1, SIZE, seed=7, modality="mixed")
+    return generate_cell_dataset(root / "cells", 3, 1, 1, SIZE, seed=7, look=["phase", "fluorescence_nuclei"])
 
 
 def touching_pairs(labels: np.ndarray) -> int:
@@ -41,9 +48,9 @@ def test_every_split_has_image_and_mask_files(dataset):
         assert mask.mode.startswith("I;16") and image.mode == "L" and image.size == (SIZE[1], SIZE[0])
 
 
-@pytest.mark.parametrize("modality", ["phase", "fluorescence"])
-def test_labels_are_contiguous_connected_and_touching(modality):
-    image, labels = synthesize_cell_image(np.random.default_rng(0), SIZE, modality)
+@pytest.mark.parametrize("look", LOOKS)
+def test_labels_are_contiguous_connected_and_touching(look):
+    image, labels = synthesize_cell_image(np.random.default_rng(0), SIZE, look)
     assert image.shape == labels.shape == SIZE and image.dtype == np.uint8
     n = labels.max()
     assert n > 5
@@ -52,11 +59,47 @@ def test_labels_are_contiguous_connected_and_touching(modality):
         assert ndimage.label(labels[box] == cell)[1] == 1, f"cell {cell} is in pieces"
     assert touching_pairs(labels) > 0
     cells, background = image[labels > 0].mean(), image[labels == 0].mean()
-    assert (cells < background) if modality == "phase" else (cells > background)
+    bright_cells = look.startswith("fluorescence")
+    assert (cells > background) if bright_cells else (cells < background)
+    if bright_cells:
+        assert background < 0.15 * 255  # dark background, as in fluorescence
+
+
+def test_density_goes_from_sparse_to_confluent():
+    covered = [
+        (synthesize_cell_image(np.random.default_rng(3), (128, 128), "phase", density)[1] > 0).mean()
+        for density in DENSITIES
+    ]
+    assert covered == sorted(covered) and covered[0] < 0.35 and covered[-1] > 0.6
+
+
+def test_16_bit_images_use_the_wider_range_and_read_back(tmp_path):
+    image, _ = synthesize_cell_image(np.random.default_rng(0), SIZE, "fluorescence_nuclei", bit_depth=16)
+    assert image.dtype == np.uint16 and image.max() > 255
+    root = generate_cell_dataset(tmp_path / "deep", 1, 0, 0, SIZE, look="fluorescence_nuclei", bit_depth=16)
+    with Image.open(root / "train" / "000_img.png") as saved:
+        assert saved.mode.startswith("I;16")
+    pixels, _ = read_cellpose_folder(root / "train")[0].load()
+    assert pixels.dtype == np.uint8 and pixels.max() == 255  # the reader rescales to 8 bits
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"look": "dic"}, "look must be one of"),
+        ({"density": "packed"}, "density"),
+        ({"bit_depth": 12}, "bit_depth"),
+    ],
+)
+def test_unknown_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        synthesize_cell_image(np.random.default_rng(0), SIZE, **kwargs)
 
 
 def test_same_seed_gives_identical_bytes(dataset, tmp_path):
-    again = generate_cell_dataset(tmp_path / "again", 3, 1, 1, SIZE, seed=7, modality="mixed")
+    again = generate_cell_dataset(
+        tmp_path / "again", 3, 1, 1, SIZE, seed=7, look=["phase", "fluorescence_nuclei"]
+    )
     for path in sorted(dataset.rglob("*.png")):
         assert (again / path.relative_to(dataset)).read_bytes() == path.read_bytes(), path
     other = generate_cell_dataset(tmp_path / "other", 1, 0, 0, SIZE, seed=8)
@@ -82,10 +125,32 @@ def test_regeneration_replaces_only_generated_folders(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    main(["--output", str(tmp_path / "cli"), "--n-train", "1", "--n-val", "1", "--n-test", "0",
-          "--size", "64", "64"])
+    main(
+        [
+            "--output",
+            str(tmp_path / "cli"),
+            "--n-train",
+            "1",
+            "--n-val",
+            "1",
+            "--n-test",
+            "0",
+            "--size",
+            "64",
+            "64",
+            "--look",
+            "brightfield",
+            "fluorescence_cytoplasm",
+            "--density",
+            "sparse",
+            "--bit-depth",
+            "16",
+        ]
+    )
     assert "wrote 1/1/0" in capsys.readouterr().out
     assert (tmp_path / "cli" / "val" / "000_masks.png").is_file()
+    settings = json.loads((tmp_path / "cli" / "dataset.json").read_text())
+    assert settings["look"] == ["brightfield", "fluorescence_cytoplasm"] and settings["bit_depth"] == 16
 
 
 def test_voronoi_labels_touch_densely():
