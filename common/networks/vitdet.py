@@ -223,12 +223,14 @@ def vit_mask_rcnn(
     max_size: int = 1024,
     out_channels: int = 256,
     vit_kwargs: dict[str, Any] | None = None,
+    anchor_sizes: Sequence[int] = ANCHOR_SIZES,
+    aspect_ratios: Sequence[float] = ASPECT_RATIOS,
     **kwargs: Any,
 ) -> MaskRCNN:
     """torchvision Mask R-CNN on a :class:`ViTDetBackbone`, ready to fine-tune a pretrained encoder.
 
-    One anchor size per pyramid level (32 at stride 4 to 512 at stride 64) with aspect ratios 0.5, 1
-    and 2; boxes and masks are pooled from levels ``"0"`` to ``"3"``. Images are normalised with the
+    One anchor size per pyramid level (by default 32 at stride 4 to 512 at stride 64) with aspect
+    ratios 0.5, 1 and 2; boxes and masks are pooled from levels ``"0"`` to ``"3"``. Images are normalised with the
     ImageNet mean and std, which MAE and DINO pretraining use too.
 
     Args:
@@ -241,6 +243,10 @@ def vit_mask_rcnn(
         max_size: cap on the longer image side after resizing.
         out_channels: channels of the pyramid, RPN and RoI heads.
         vit_kwargs: passed to :class:`ViTDetBackbone`, e.g. ``{"drop_path_rate": 0.1}``.
+        anchor_sizes: one anchor side in pixels per pyramid level, fine to coarse (5 levels, "pool"
+            included); smaller than the default for small or thin objects, which no 32-px anchor
+            overlaps well enough to become a positive.
+        aspect_ratios: height / width ratios of the anchors, the same at every level.
         kwargs: passed to ``torchvision.models.detection.MaskRCNN`` (``box_detections_per_img``,
             ``box_score_thresh``, ``image_mean``, ...). ``size_divisible`` defaults to a multiple of
             32 and of the patch size, so padded batches tile into patches.
@@ -249,6 +255,10 @@ def vit_mask_rcnn(
         raise ValueError(f"num_classes counts the background too, so it must be >= 2, got {num_classes}.")
     backbone = ViTDetBackbone(vit, pretrained, checkpoint, out_channels, **(vit_kwargs or {}))
     levels = [name for name in backbone.strides if name != "pool"]
+    if len(anchor_sizes) != len(backbone.strides):
+        raise ValueError(
+            f"anchor_sizes needs one size per pyramid level ({len(backbone.strides)}), got {tuple(anchor_sizes)}."
+        )
     kwargs.setdefault("image_mean", list(IMAGENET_MEAN))
     kwargs.setdefault("image_std", list(IMAGENET_STD))
     kwargs.setdefault("size_divisible", math.lcm(32, backbone.patch_size))
@@ -258,7 +268,8 @@ def vit_mask_rcnn(
         min_size=tuple(min_size) if isinstance(min_size, Sequence) else min_size,
         max_size=max_size,
         rpn_anchor_generator=AnchorGenerator(
-            tuple((size,) for size in ANCHOR_SIZES), (ASPECT_RATIOS,) * len(ANCHOR_SIZES)
+            tuple((int(size),) for size in anchor_sizes),
+            (tuple(float(r) for r in aspect_ratios),) * len(anchor_sizes),
         ),
         box_roi_pool=MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
         mask_roi_pool=MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),

@@ -265,3 +265,17 @@ def test_multi_gpu_overlay_overrides_only_ids_both_phases_define(phase):
     parser.read_config(str(CONFIGS / phase))
     replaced = [key for key in overlay if not key.startswith("+")]
     assert [key for key in replaced if key not in parser] == []
+
+
+@pytest.mark.parametrize("img_size, smallest", [(672, 32), (256, 12), (128, 8)])
+def test_training_and_inference_build_the_same_anchors_scaled_to_img_size(img_size, smallest):
+    """Segments shrink with the image, so the anchors do too; inference must propose from the same ones."""
+    sizes = []
+    for name in ("train.json", "inference.json"):
+        parser = ConfigParser()
+        parser.read_config(_configs(name))
+        parser.update({"img_size": img_size, **{f"backbone_kwargs#{k}": v for k, v in TRUNK.items()}})
+        sizes.append(parser.get_parsed_content("network_def").rpn.anchor_generator.sizes)
+    assert sizes[0] == sizes[1]
+    assert sizes[0][0] == (smallest,)
+    assert len(sizes[0]) == 5

@@ -155,3 +155,11 @@ def test_torchvision_ops_available():
     assert nms(boxes, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5).tolist() == [0, 2]
     pooled = roi_align(torch.ones(1, 1, 8, 8), [torch.tensor([[0.0, 0.0, 4.0, 4.0]])], output_size=2)
     torch.testing.assert_close(pooled, torch.ones(1, 1, 2, 2))
+
+
+def test_anchor_sizes_must_give_one_size_per_pyramid_level():
+    """Anchors matched to small objects (coronary segments) are one size per level of the pyramid."""
+    model = vit_mask_rcnn(vit=VIT, vit_kwargs=TINY, out_channels=16, anchor_sizes=(8, 16, 32, 64, 128))
+    assert [s[0] for s in model.rpn.anchor_generator.sizes] == [8, 16, 32, 64, 128]
+    with pytest.raises(ValueError, match="anchor_sizes"):
+        vit_mask_rcnn(vit=VIT, vit_kwargs=TINY, out_channels=16, anchor_sizes=(8, 16))
