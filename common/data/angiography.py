@@ -153,6 +153,11 @@ _REMEDY = (
     "`python -m common.data.angiography convert --format arcade ...`; for demo data run "
     "`python -m common.data.synthetic.angiography --output_dir DIR`"
 )
+_MISSING_REMEDY = (
+    "point --dataset_dir at a folder with {train,val,test}/cass.json and their images (the docs/README.md "
+    "layout); convert ARCADE files with `python -m common.data.angiography convert --format arcade ...`, "
+    "or write demo data with `python -m common.data.synthetic.angiography --output_dir DIR`"
+)
 
 
 def category_names(format: str) -> tuple[str, ...]:
@@ -246,6 +251,8 @@ def read_coco_and_format(
     """The entries of :func:`read_angiography_coco` and the format they were read as (detected when
     ``format`` is ``"auto"``), for callers that need the class names too."""
     path = Path(path)
+    if not path.is_file():
+        raise InputDataError(path, "COCO file not found", _MISSING_REMEDY)
     coco = load_coco(path)
     names = _names_by_id(coco, path)
     format = _resolve_format(coco, names, format, path)
