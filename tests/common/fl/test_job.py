@@ -19,7 +19,7 @@ FEDERATED_JOBS = {
     "pathology_wsss_deeplab": ["configs/train.json", "configs/federated.json"],
     "cytology_bethesda_detection (detector)": ["configs/train.json", "configs/federated.json"],
     "cytology_bethesda_detection (classifier)": ["configs/train.json", "configs/federated_classify.json"],
-    "angiography_cass_segmentation (vessels)": ["configs/train_vessels.json"],
+    "angiography_cass_segmentation (vessels)": ["configs/train.json", "configs/train_vessels.json"],
     "angiography_cass_segmentation (segments)": ["configs/train.json"],
 }
 SITES = {"site-1": "/data/a", "site-2": "/data/b"}
