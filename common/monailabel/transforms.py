@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
@@ -21,9 +20,6 @@ class LoadInstanceDistanceMapd(MapTransform):
     """Replace the path of an instance label image (16-bit PNG or TIFF, 0 background, as the app returns
     and a viewer saves it) by the DINOCell target: a (1, H, W) float32 normalised distance map, computed
     as :mod:`common.data.cell_arrays` does for the bundle's own training arrays."""
-
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
