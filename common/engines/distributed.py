@@ -1,4 +1,4 @@
-"""Process-group set-up shared by every bundle's ``multi_gpu_train.json``.
+"""Process-group set-up and teardown shared by every bundle's ``multi_gpu_train.json``.
 
 ``torchrun`` sets ``LOCAL_RANK``/``RANK``/``WORLD_SIZE``; this joins the group with NCCL on CUDA and
 Gloo on CPU, so the same config runs on a GPU node and on a laptop (and in CI).
@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["has_complex_buffers", "is_main_process", "setup_distributed", "wrap_ddp"]
+__all__ = ["has_complex_buffers", "is_main_process", "setup_distributed", "teardown_distributed", "wrap_ddp"]
 
 # Kept as float32 parameters on Gloo, so that CPU runs reduce gradients in full precision (see wrap_ddp).
 GLOO_FLOAT32 = (torch.bfloat16, torch.float16)
@@ -22,7 +22,7 @@ GLOO_FLOAT32 = (torch.bfloat16, torch.float16)
 
 def setup_distributed() -> torch.device:
     """Initialise the default process group once and return this rank's device."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -30,6 +30,18 @@ def setup_distributed() -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device(f"cuda:{local_rank}")
     return torch.device("cpu")
+
+
+def teardown_distributed() -> None:
+    """Leave the process group together, so no rank tears down Gloo's connections under another.
+
+    Rank 0 usually finishes later (it writes checkpoints); a rank that destroys its group while a peer
+    still holds open pairs can abort that peer at exit (``terminate called without an active
+    exception``, SIGABRT under torchrun). A barrier first makes every rank destroy at the same point.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:

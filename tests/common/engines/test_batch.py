@@ -21,7 +21,9 @@ def test_failures_are_logged_and_reported_and_the_rest_goes_on(caplog):
         return item.upper()
 
     with caplog.at_level(logging.INFO, logger="common.engines.batch"):
-        report = run_batch(["a", "bad", "done", "c"], process, lambda item: item == "done", raise_on_failure=False)
+        report = run_batch(
+            ["a", "bad", "done", "c"], process, lambda item: item == "done", raise_on_failure=False
+        )
     assert report.results == ["A", "C"] and report.skipped == ["done"]
     assert report.failed == {"bad": "truncated file"}  # the InputDataError behind the wrapper
     assert "bad: failed, going on with the next input: truncated file" in caplog.text
@@ -36,14 +38,20 @@ def test_a_folder_with_a_truncated_slide_between_good_ones(tmp_path):
         write_slide(folder / f"{name}.tif", slide_pixels(256, 192, seed=seed), levels=2, tile_size=64)
     bad = folder / "b_truncated.tif"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
-    segmenter = WholeSlideSegmenter(torch.nn.Conv2d(3, 5, 1), tmp_path / "out", 5, patch_size=128, tile_size=64)
-    with pytest.raises(BatchFailedError, match=r"2 processed, 0 skipped \(outputs complete\), 1 failed") as raised:
+    segmenter = WholeSlideSegmenter(
+        torch.nn.Conv2d(3, 5, 1), tmp_path / "out", 5, patch_size=128, tile_size=64
+    )
+    with pytest.raises(
+        BatchFailedError, match=r"2 processed, 0 skipped \(outputs complete\), 1 failed"
+    ) as raised:
         run_batch(list_slides(folder), segmenter, segmenter.is_done)
     report = raised.value.report
     assert [summary["slide"] for summary in report.results] == [str(folder / "a.tif"), str(folder / "c.tif")]
     assert list(report.failed) == [str(bad)] and "could not be read" in report.failed[str(bad)]
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == sorted(f"{s}_{kind}" for s in "ac" for kind in ("areas.json", "classes.tif", "overlay.png"))
+    assert written == sorted(
+        f"{s}_{kind}" for s in "ac" for kind in ("areas.json", "classes.tif", "overlay.png")
+    )
     with pytest.raises(BatchFailedError) as again:
         run_batch(list_slides(folder), segmenter, segmenter.is_done)
     assert again.value.report.skipped == [str(folder / "a.tif"), str(folder / "c.tif")]
@@ -75,11 +83,16 @@ def test_an_evaluator_over_a_folder_skips_a_corrupt_image_and_fails_at_the_end(t
     evaluator = SupervisedEvaluator("cpu", batches, torch.nn.Identity())
     seen: list[str] = []
     evaluator.add_event_handler(
-        Events.ITERATION_COMPLETED, lambda e: seen.extend(item["image"].meta["filename_or_obj"] for item in e.state.batch)
+        Events.ITERATION_COMPLETED,
+        lambda e: seen.extend(item["image"].meta["filename_or_obj"] for item in e.state.batch),
     )
     evaluator.run()
     assert seen == [str(tmp_path / "a.png"), str(tmp_path / "c.png")]  # b dropped from its batch, c went on
-    with pytest.raises(BatchFailedError, match=r"2 processed, 0 skipped \(outputs complete\), 1 failed") as raised:
+    with pytest.raises(
+        BatchFailedError, match=r"2 processed, 0 skipped \(outputs complete\), 1 failed"
+    ) as raised:
         batches.raise_if_failed()
     assert list(raised.value.report.failed) == [str(tmp_path / "b.png")]
-    assert "applying transform" not in raised.value.report.failed[str(tmp_path / "b.png")]  # the reader's cause
+    assert (
+        "applying transform" not in raised.value.report.failed[str(tmp_path / "b.png")]
+    )  # the reader's cause

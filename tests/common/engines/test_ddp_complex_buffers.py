@@ -45,7 +45,7 @@ class TinyRopeAttention(nn.Module):
 
 
 def _worker(out_dir: Path) -> None:
-    from common.engines.distributed import setup_distributed, wrap_ddp
+    from common.engines.distributed import setup_distributed, teardown_distributed, wrap_ddp
 
     device = setup_distributed()
     rank = dist.get_rank()
@@ -69,7 +69,7 @@ def _worker(out_dir: Path) -> None:
         "unused_untouched": model.module.unused.weight.grad is None,
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
+    teardown_distributed()
 
 
 @pytest.mark.slow

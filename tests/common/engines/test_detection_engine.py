@@ -92,8 +92,12 @@ def test_trainer_runs_two_iterations_logs_every_loss_and_fires_monai_events(caps
         decollate=False,
         train_handlers=[StatsHandler(name="detection_test", output_transform=lambda x: x, tag_name="loss")],
     )
-    for event in (IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED,
-                  IterationEvents.BACKWARD_COMPLETED, IterationEvents.MODEL_COMPLETED):
+    for event in (
+        IterationEvents.FORWARD_COMPLETED,
+        IterationEvents.LOSS_COMPLETED,
+        IterationEvents.BACKWARD_COMPLETED,
+        IterationEvents.MODEL_COMPLETED,
+    ):
         trainer.add_event_handler(event, lambda e, name=event.name: events.append(name))
     trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, lambda e: outputs.append(e.state.output))
     trainer.run()
@@ -201,8 +205,9 @@ def test_engines_built_with_decollation_are_rejected_with_the_fix(step):
     loader = DataLoader(lesion_samples(), batch_size=2, collate_fn=detection_collate)
     if isinstance(step, DetectionTrainingStep):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        engine = SupervisedTrainer(torch.device("cpu"), 1, loader, model, optimizer, None,
-                                   iteration_update=step)
+        engine = SupervisedTrainer(
+            torch.device("cpu"), 1, loader, model, optimizer, None, iteration_update=step
+        )
     else:
         engine = SupervisedEvaluator(torch.device("cpu"), loader, model, iteration_update=step)
     with pytest.raises(ValueError, match="decollate=False"):
@@ -213,13 +218,22 @@ def test_mixed_precision_on_cpu_trains_and_predicts_in_float32():
     model = tiny_mask_rcnn(box_score_thresh=0.0, box_detections_per_img=3)
     loader = DataLoader(lesion_samples(), batch_size=2, collate_fn=detection_collate)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    trainer = SupervisedTrainer(torch.device("cpu"), 1, loader, model, optimizer, None,
-                                iteration_update=DetectionTrainingStep(amp=True), decollate=False)
+    trainer = SupervisedTrainer(
+        torch.device("cpu"),
+        1,
+        loader,
+        model,
+        optimizer,
+        None,
+        iteration_update=DetectionTrainingStep(amp=True),
+        decollate=False,
+    )
     trainer.run()
     loss = trainer.state.output["loss"]
     assert torch.isfinite(loss) and loss.dtype == torch.float32
-    evaluator = SupervisedEvaluator(torch.device("cpu"), loader, model,
-                                    iteration_update=DetectionInferenceStep(amp=True), decollate=False)
+    evaluator = SupervisedEvaluator(
+        torch.device("cpu"), loader, model, iteration_update=DetectionInferenceStep(amp=True), decollate=False
+    )
     evaluator.run()
     for output in evaluator.state.output:
         assert output["pred_masks"].dtype == output["pred_scores"].dtype == torch.float32

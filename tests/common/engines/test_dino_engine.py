@@ -157,7 +157,7 @@ def test_last_layer_frozen_at_first_and_save_on_rank_0_only(tmp_path, monkeypatc
 
 
 def test_engine_network_must_be_the_student():
-    loader, student, _, loss, update, optimizer = _setup(4, 1e-3)
+    loader, _student, _, loss, update, optimizer = _setup(4, 1e-3)
     other = _tiny_dino()
     trainer = SupervisedTrainer(
         device="cpu",
