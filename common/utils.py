@@ -20,7 +20,7 @@ from monai.utils import convert_to_numpy
 
 from common.errors import InputDataError
 
-__all__ = ["as_plane", "nan_to_none", "source_file", "file_stem", "require_dir", "unwrap_module"]
+__all__ = ["as_plane", "file_stem", "nan_to_none", "require_dir", "source_file", "unwrap_module"]
 
 _DOUBLE_SUFFIXES = (".ome", ".nii")  # name.ome.tif, name.nii.gz: the stem drops both suffixes
 

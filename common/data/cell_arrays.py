@@ -39,7 +39,7 @@ from common.data.distance_map import normalized_distance_map
 from common.errors import InputDataError
 from common.io.atomic import atomic_directory
 
-__all__ = ["DATASET_FILES", "build_cell_arrays", "CellArrayDataset", "main"]
+__all__ = ["DATASET_FILES", "CellArrayDataset", "build_cell_arrays", "main"]
 
 logger = logging.getLogger(__name__)
 

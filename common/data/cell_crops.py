@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from common.data.cell_readers import read_image
 from common.errors import InputDataError
 
-__all__ = ["PADDING_MODES", "extract_crops", "CellCropDataset"]
+__all__ = ["PADDING_MODES", "CellCropDataset", "extract_crops"]
 
 # our names (as in numpy.pad) -> grid_sample's; "reflect" mirrors about the image edge, so the border
 # pixel is repeated once (numpy's "symmetric"), which keeps texture continuous across the border.

@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 
 from common.errors import InputDataError
 
-__all__ = ["load_coco", "coco_records", "coco_field", "check_segmentation", "segmentation_to_rle"]
+__all__ = ["check_segmentation", "coco_field", "coco_records", "load_coco", "segmentation_to_rle"]
 
 
 def load_coco(path: str | os.PathLike) -> dict[str, Any]:

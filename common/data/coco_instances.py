@@ -38,7 +38,7 @@ from common.data.coco import (
 )
 from common.errors import InputDataError
 
-__all__ = ["read_coco_instances", "decode_segmentations", "CocoInstancesd"]
+__all__ = ["CocoInstancesd", "decode_segmentations", "read_coco_instances"]
 
 COCO_INSTANCES_REMEDY = (
     "convert binary masks with `python -m common.data.mask_to_coco --images IMAGES --masks MASKS "

@@ -30,14 +30,14 @@ from common.errors import InputDataError
 from common.utils import require_dir
 
 __all__ = [
-    "BETHESDA_CLASSES",
     "ANNOTATION_COLUMNS",
+    "BETHESDA_CLASSES",
+    "class_counts",
     "parse_class",
-    "read_csv_rows",
     "read_cell_csv",
     "read_coco_cells",
+    "read_csv_rows",
     "read_split",
-    "class_counts",
 ]
 
 CYTOLOGY_REMEDY = (

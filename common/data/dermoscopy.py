@@ -26,8 +26,8 @@ from common.utils import require_dir
 __all__ = [
     "ISIC_MASK_SUFFIX",
     "read_binary_mask",
-    "read_isic_folder",
     "read_image_mask_folders",
+    "read_isic_folder",
     "read_unlabelled_images",
 ]
 

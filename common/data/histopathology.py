@@ -43,18 +43,18 @@ from common.io.atomic import atomic_write
 from common.utils import require_dir
 
 __all__ = [
-    "DEFAULT_CLASS_NAMES",
     "BACKGROUND",
-    "IGNORE_INDEX",
     "CLASS_COLOURS",
+    "DEFAULT_CLASS_NAMES",
+    "IGNORE_INDEX",
     "mask_palette",
     "parse_label_vector",
-    "read_labelled_patch_folder",
-    "read_patch_manifest",
     "patch_label_datalist",
     "patch_mask_datalist",
-    "read_rgb_patch",
+    "read_labelled_patch_folder",
     "read_mask",
+    "read_patch_manifest",
+    "read_rgb_patch",
     "read_segmentation_folder",
     "write_mask",
 ]

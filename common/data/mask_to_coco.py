@@ -32,11 +32,11 @@ from common.io.atomic import atomic_write
 
 __all__ = [
     "SEGMENTATION_FORMATS",
-    "mask_to_instances",
     "build_coco",
-    "split_indices",
-    "split_and_write",
     "main",
+    "mask_to_instances",
+    "split_and_write",
+    "split_indices",
 ]
 
 SEGMENTATION_FORMATS = ("rle", "polygon")

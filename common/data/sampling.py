@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-__all__ = ["class_counts", "inverse_frequency_weights", "class_weights", "weighted_sampler"]
+__all__ = ["class_counts", "class_weights", "inverse_frequency_weights", "weighted_sampler"]
 
 logger = logging.getLogger(__name__)
 

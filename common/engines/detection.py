@@ -44,7 +44,7 @@ from monai.networks.utils import eval_mode
 from common.errors import InputDataError
 from common.utils import source_file
 
-__all__ = ["detection_collate", "DetectionTrainingStep", "DetectionInferenceStep"]
+__all__ = ["DetectionInferenceStep", "DetectionTrainingStep", "detection_collate"]
 
 IMAGE, BOXES, LABELS, INSTANCES = "image", "boxes", "labels", "instances"
 

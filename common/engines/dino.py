@@ -23,7 +23,7 @@ from monai.engines.utils import IterationEvents
 from common.losses.dino import DINOLoss
 from common.networks.dino import DINOModel
 
-__all__ = ["cosine_momentum", "DINOIterationUpdate"]
+__all__ = ["DINOIterationUpdate", "cosine_momentum"]
 
 
 def cosine_momentum(iteration: int, total_iterations: int, start: float = 0.996, end: float = 1.0) -> float:

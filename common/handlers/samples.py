@@ -12,7 +12,7 @@ from monai.data import decollate_batch
 
 from common.utils import source_file
 
-__all__ = ["iteration_samples", "sample_name", "gather_by_name", "EpochAccumulator"]
+__all__ = ["EpochAccumulator", "gather_by_name", "iteration_samples", "sample_name"]
 
 
 def iteration_samples(engine: Engine) -> list[dict[str, Any]]:

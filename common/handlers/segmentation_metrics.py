@@ -30,7 +30,7 @@ from common.metrics.semantic_segmentation import (
 )
 from common.utils import nan_to_none
 
-__all__ = ["SegmentationMetricsHandler", "SUMMARY_METRICS"]
+__all__ = ["SUMMARY_METRICS", "SegmentationMetricsHandler"]
 
 SUMMARY_METRICS = ("mIoU", "fwIoU", "mDice", "mBoundaryIoU", "pixel_accuracy")
 _CSV_COLUMNS = (

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
-__all__ = ["flip_average", "FlipAverageInferer"]
+__all__ = ["FlipAverageInferer", "flip_average"]
 
 
 def flip_average(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor) -> torch.Tensor:

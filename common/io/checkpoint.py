@@ -19,7 +19,7 @@ import torch
 from common.errors import InputDataError
 from common.io.atomic import atomic_write
 
-__all__ = ["sha256sum", "load_checkpoint", "save_checkpoint", "extract_state_dict"]
+__all__ = ["extract_state_dict", "load_checkpoint", "save_checkpoint", "sha256sum"]
 
 
 def sha256sum(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -23,7 +23,7 @@ from monai.utils import convert_to_numpy
 
 from common.metrics.cocoeval import run_cocoeval
 
-__all__ = ["fixed_box_iou", "evaluate_point_detections"]
+__all__ = ["evaluate_point_detections", "fixed_box_iou"]
 
 logger = logging.getLogger(__name__)
 

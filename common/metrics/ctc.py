@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from monai.utils import convert_to_numpy
 
-__all__ = ["InstanceMatching", "CTCScores", "match_instances", "ctc_scores", "aggregate_ctc"]
+__all__ = ["CTCScores", "InstanceMatching", "aggregate_ctc", "ctc_scores", "match_instances"]
 
 # AOGM-D weights of the Cell Tracking Challenge detection measure.
 _SPLIT_COST = 5.0

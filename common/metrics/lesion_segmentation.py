@@ -27,16 +27,16 @@ from common.errors import InputDataError
 from common.metrics.cocoeval import run_cocoeval
 
 __all__ = [
-    "ISIC_JACCARD_THRESHOLD",
-    "overlap_scores",
-    "lesion_overlap_scores",
-    "coco_instance_metrics",
-    "encode_reference",
-    "encode_detections",
-    "overlap_counts",
-    "evaluate_records",
     "COCO_KEYS",
+    "ISIC_JACCARD_THRESHOLD",
     "PER_IMAGE_FIELDS",
+    "coco_instance_metrics",
+    "encode_detections",
+    "encode_reference",
+    "evaluate_records",
+    "lesion_overlap_scores",
+    "overlap_counts",
+    "overlap_scores",
 ]
 
 ISIC_JACCARD_THRESHOLD = 0.65

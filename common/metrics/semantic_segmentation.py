@@ -47,13 +47,13 @@ from common.utils import as_plane, nan_to_none
 
 __all__ = [
     "IGNORED_PREDICTION_MODES",
-    "SegmentationCounts",
     "SegmentationConfusion",
+    "SegmentationCounts",
     "boundary_band",
     "evaluate_mask_pairs",
-    "pair_masks_by_stem",
     "format_segmentation_report",
     "main",
+    "pair_masks_by_stem",
 ]
 
 IGNORED_PREDICTION_MODES = ("miss", "exclude")

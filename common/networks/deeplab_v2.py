@@ -25,7 +25,7 @@ from torch import nn
 
 from common.networks.timm_backbone import create_timm_model, load_backbone_weights
 
-__all__ = ["OUTPUT_STRIDES", "create_dilated_backbone", "ASPPv2", "DeepLabV2"]
+__all__ = ["OUTPUT_STRIDES", "ASPPv2", "DeepLabV2", "create_dilated_backbone"]
 
 OUTPUT_STRIDES = (8, 16)
 

@@ -18,7 +18,7 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 from scipy.spatial import cKDTree
 
-__all__ = ["decode_centres", "suppress_close_points", "DecodeCentresd"]
+__all__ = ["DecodeCentresd", "decode_centres", "suppress_close_points"]
 
 
 def decode_centres(

@@ -24,7 +24,7 @@ from skimage.segmentation import watershed
 
 from common.postprocessing.watershed import remove_small_instances
 
-__all__ = ["to_grayscale", "otsu_watershed", "OtsuWatershedd"]
+__all__ = ["OtsuWatershedd", "otsu_watershed", "to_grayscale"]
 
 
 def to_grayscale(image: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -26,9 +26,9 @@ from common.utils import as_plane
 
 __all__ = [
     "SELECTION_MODES",
-    "select_lesions",
-    "clean_lesion_mask",
     "LesionMaskd",
+    "clean_lesion_mask",
+    "select_lesions",
 ]
 
 SELECTION_MODES = ("best", "threshold")

@@ -33,11 +33,11 @@ from skimage.morphology import disk
 from common.transforms.tissue import BRIGHTNESS_THRESHOLD, SATURATION_THRESHOLD, tissue_mask
 
 __all__ = [
-    "normalise_cams",
-    "clean_pseudo_mask",
-    "cams_to_pseudo_mask",
     "CAMToPseudoMaskd",
     "GlassToBackgroundd",
+    "cams_to_pseudo_mask",
+    "clean_pseudo_mask",
+    "normalise_cams",
 ]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)

@@ -19,7 +19,7 @@ from monai.transforms import Compose, MapTransform, Randomizable, SpatialPad
 
 from common.transforms.centernet import SwapBoxXYd
 
-__all__ = ["RandCropBoxesd", "ImageAxisBoxCompose"]
+__all__ = ["ImageAxisBoxCompose", "RandCropBoxesd"]
 
 
 class RandCropBoxesd(Randomizable, MapTransform):

@@ -21,7 +21,7 @@ from monai.utils import convert_to_numpy
 from common.errors import InputDataError
 from common.utils import source_file
 
-__all__ = ["gaussian_radius", "gaussian_kernel", "draw_gaussian", "centernet_target", "CenterNetTargetd", "SwapBoxXYd"]
+__all__ = ["CenterNetTargetd", "SwapBoxXYd", "centernet_target", "draw_gaussian", "gaussian_kernel", "gaussian_radius"]
 
 
 def gaussian_radius(

@@ -25,7 +25,7 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 from scipy import ndimage
 
-__all__ = ["label_instances", "instance_boxes", "MaskToInstancesd", "BoxesFromInstancesd"]
+__all__ = ["BoxesFromInstancesd", "MaskToInstancesd", "instance_boxes", "label_instances"]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from monai.utils import convert_to_numpy
 
-__all__ = ["SATURATION_THRESHOLD", "BRIGHTNESS_THRESHOLD", "BLACK_THRESHOLD", "tissue_mask", "tissue_fraction"]
+__all__ = ["BLACK_THRESHOLD", "BRIGHTNESS_THRESHOLD", "SATURATION_THRESHOLD", "tissue_fraction", "tissue_mask"]
 
 SATURATION_THRESHOLD = 0.1
 BRIGHTNESS_THRESHOLD = 0.85  # max(R, G, B) > 217

@@ -35,7 +35,7 @@ from common.errors import InputDataError
 from common.writers.detections import read_detections_csv, source_name
 from common.writers.display import display_rgb, golden_ratio_colours, write_png
 
-__all__ = ["class_colours", "draw_detections", "SaveDetectionOverlayd", "main"]
+__all__ = ["SaveDetectionOverlayd", "class_colours", "draw_detections", "main"]
 
 # Okabe & Ito (2008), "Color Universal Design": bluish green, sky blue, yellow, orange, reddish purple,
 # vermillion, blue, black; NILM, the commonest class, gets the calmest colour.

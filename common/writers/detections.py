@@ -37,9 +37,9 @@ __all__ = [
     "DETECTION_COLUMNS",
     "PARTIAL_SUFFIX",
     "DetectionCSVWriter",
+    "WriteDetectionsd",
     "read_detections_csv",
     "source_name",
-    "WriteDetectionsd",
 ]
 
 logger = logging.getLogger(__name__)

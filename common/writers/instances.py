@@ -30,11 +30,11 @@ from common.writers.display import display_rgb, golden_ratio_colours, write_png
 
 __all__ = [
     "CELL_TABLE_COLUMNS",
-    "write_instance_labels",
-    "write_overlay",
-    "write_cell_table",
     "SaveInstanceOutputsd",
     "source_stem",
+    "write_cell_table",
+    "write_instance_labels",
+    "write_overlay",
 ]
 
 CELL_TABLE_COLUMNS = (

@@ -17,7 +17,7 @@ from common.utils import as_plane
 from common.writers.display import display_rgb, write_png
 from common.writers.instances import source_stem
 
-__all__ = ["write_lesion_mask", "write_lesion_overlay", "SaveLesionOutputsd"]
+__all__ = ["SaveLesionOutputsd", "write_lesion_mask", "write_lesion_overlay"]
 
 _CONTOUR_COLOUR = (0, 158, 115)  # Okabe-Ito bluish green: visible on skin tones and dark lesions
 

@@ -61,15 +61,15 @@ from common.data.synthetic.output import synthetic_dataset_folder, write_dataset
 from common.data.wsi import write_pyramid_tiff
 
 __all__ = [
-    "SUBFOLDERS",
-    "PATCH_MPP",
-    "SLIDE_MPP",
     "MASK_DOWNSAMPLE",
     "MIN_CLASS_FRACTION",
-    "synthesize_patch",
-    "write_synthetic_slide",
+    "PATCH_MPP",
+    "SLIDE_MPP",
+    "SUBFOLDERS",
     "generate_histology_dataset",
     "main",
+    "synthesize_patch",
+    "write_synthetic_slide",
 ]
 
 SUBFOLDERS = ("train", "val", "test", "slide", "train.jsonl")  # what the output folder may hold
@@ -252,7 +252,7 @@ Concentrations = tuple[np.ndarray, np.ndarray, np.ndarray]  # haematoxylin, eosi
 
 def _tumour(key: int, y: np.ndarray, x: np.ndarray) -> Concentrations:
     """Glands and nests of large irregular vesicular nuclei with nucleoli, around pale lumens."""
-    glands = lambda yy, xx: _fbm(key, yy, xx, 60.0, 2)  # noqa: E731 - one field for pixels and nuclei
+    glands = lambda yy, xx: _fbm(key, yy, xx, 60.0, 2)
     lumen = np.clip((glands(y, x) + 0.4) / 0.06, 0, 1)  # 0 in a lumen, 1 in the epithelium
     cover, rho = _nuclei(key + 7, y, x, _TUMOUR_NUCLEI, keep=lambda cy, cx: glands(cy, cx) > -0.32)
     chromatin = _value_noise(key + 8, y, x, 1.3)
@@ -266,7 +266,7 @@ def _tumour(key: int, y: np.ndarray, x: np.ndarray) -> Concentrations:
 
 def _necrosis(key: int, y: np.ndarray, x: np.ndarray) -> Concentrations:
     """Pale pink-grey debris: blue smudges, faint ghost cells and specks of fragmented nuclei."""
-    clusters = lambda yy, xx: 0.15 + 0.6 * (_fbm(key + 1, yy, xx, 30.0, 2) > 0.05)  # noqa: E731
+    clusters = lambda yy, xx: 0.15 + 0.6 * (_fbm(key + 1, yy, xx, 30.0, 2) > 0.05)
     specks, _ = _nuclei(key + 2, y, x, _DEBRIS, keep=clusters)
     ghosts, rho = _nuclei(key + 3, y, x, _GHOST_CELLS)
     smudge = np.clip(_fbm(key + 4, y, x, 14.0, 2), 0, None)
@@ -278,7 +278,7 @@ def _necrosis(key: int, y: np.ndarray, x: np.ndarray) -> Concentrations:
 
 def _lymphocytes(key: int, y: np.ndarray, x: np.ndarray) -> Concentrations:
     """Small, round, very dark nuclei packed densely, with little cytoplasm between them."""
-    sheets = lambda yy, xx: np.where(_fbm(key, yy, xx, 50.0, 2) > -0.4, 1.0, 0.5)  # noqa: E731
+    sheets = lambda yy, xx: np.where(_fbm(key, yy, xx, 50.0, 2) > -0.4, 1.0, 0.5)
     cover, _ = _nuclei(key + 1, y, x, _LYMPHOCYTES, keep=sheets)
     nucleus = 1.5 + 0.15 * _value_noise(key + 2, y, x, 1.0)
     haem = 0.1 * (1 - cover) + nucleus * cover
@@ -303,7 +303,7 @@ def _stroma(key: int, y: np.ndarray, x: np.ndarray) -> Concentrations:
         phase = (y * np.cos(theta) - x * np.sin(theta) + waves) * np.float32(2 * np.pi / _FIBRE_PERIOD)
         fibres += weight * (0.5 + 0.5 * np.cos(phase)) ** 2
         clefts += weight * np.clip((np.cos(phase / 3) - 0.85) * 7, 0, 1)  # between some fibres
-    along = lambda cy, cx: directions[np.argmax(weights(cy, cx), axis=0)]  # noqa: E731
+    along = lambda cy, cx: directions[np.argmax(weights(cy, cx), axis=0)]
     cover, _ = _nuclei(key + 4, y, x, _SPINDLE_NUCLEI, angle=along)
     clefts *= np.clip(_value_noise(key + 6, y, x, 25.0) * 3, 0, 1)  # broken into short lengths
     strength = 0.65 + 0.35 * _value_noise(key + 5, y, x, 18.0)

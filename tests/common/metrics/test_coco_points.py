@@ -29,7 +29,7 @@ def _perfect() -> list[dict]:
 def test_fixed_box_iou_matches_pycocotools():
     rng = np.random.default_rng(0)
     a, b = rng.uniform(0, 300, (5, 2)), rng.uniform(0, 300, (4, 2))
-    boxes = lambda p: np.concatenate([p - 50, np.full_like(p, 100)], axis=1)  # noqa: E731
+    boxes = lambda p: np.concatenate([p - 50, np.full_like(p, 100)], axis=1)
     expected = mask_utils.iou(boxes(a).tolist(), boxes(b).tolist(), [0] * 4)
     np.testing.assert_allclose(fixed_box_iou(a, b, 100), expected, rtol=1e-9)
     assert fixed_box_iou([[0, 0]], [[10, 0]], 100)[0, 0] == pytest.approx(90 / 110)

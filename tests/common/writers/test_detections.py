@@ -62,10 +62,9 @@ def test_round_trip_with_tensors_and_empty_images(tmp_path):
 
 
 def test_interrupted_run_keeps_written_rows_in_a_partial_file(tmp_path, caplog):
-    with pytest.raises(RuntimeError):
-        with DetectionCSVWriter(tmp_path) as writer:
-            writer.write("a.png", POINTS, SCORES, CLASSES)
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), DetectionCSVWriter(tmp_path) as writer:
+        writer.write("a.png", POINTS, SCORES, CLASSES)
+        raise RuntimeError("killed")
     assert not writer.path.exists()
     assert writer.partial_path.name.endswith(".csv.partial")
     with caplog.at_level(logging.WARNING):
