@@ -44,7 +44,7 @@ def substitute(text: str, values: dict[str, str]) -> str:
 
 
 def format_seconds(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
@@ -68,7 +68,7 @@ def run_steps(name: str, spec: dict, values: dict[str, str], log_dir: Path, star
         with open(log_file, "w") as log:
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
-            result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            result = subprocess.run(command, check=False, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - start
         cpu_seconds = children_cpu_seconds() - cpu_start
         load = os.getloadavg()[0]

@@ -309,7 +309,7 @@ def _parse_configs(
             continue  # reported above
         try:
             parser = _build_parser(bundle, (*bases, path.name), metadata, overrides)
-        except Exception as err:  # a user's macros and merges can fail in any way: report, never crash
+        except Exception as err:  # noqa: BLE001 - a user's macros and merges can fail in any way: report, never crash
             hint = "" if bases else f"; if it is merged over other configs, list them in {meta} config_bases"
             problems.append(f"{_config_label(path, bases)}: does not parse ({_describe(err)}){hint}")
             continue
@@ -479,7 +479,7 @@ def _check_network(
         return not_run(f"{train_path}: no '{NET_ID}' id")
     try:
         net = train.parser.get_parsed_content(NET_ID)
-    except Exception as err:  # the user's network constructor can raise anything
+    except Exception as err:  # noqa: BLE001 - the user's network constructor can raise anything
         return not_run(f"{train_path}: {NET_ID} could not be built ({_describe(err)})")
     if not isinstance(net, torch.nn.Module):
         return not_run(f"{train_path}: {NET_ID} is a {type(net).__name__}, not a torch.nn.Module")
@@ -492,7 +492,7 @@ def _check_network(
         try:
             with torch.no_grad():
                 outputs.append(net(image))
-        except Exception as err:  # a shape the network rejects shows up as any exception type
+        except Exception as err:  # noqa: BLE001 - a shape the network rejects shows up as any exception type
             return not_run(
                 f"{train_path}: {NET_ID} failed on the {io.input_dtype} input {io.input_shape} allowed by "
                 f"{meta_path} ({_describe(err)})"
@@ -558,7 +558,7 @@ def _check_export(
                 exported_net = torch.jit.load(str(ts_path), map_location="cpu").eval()
             with torch.no_grad():
                 exported = [exported_net(image) for image in images]
-        except Exception as err:  # TorchScript rejects unsupported Python in many exception types
+        except Exception as err:  # noqa: BLE001 - TorchScript rejects unsupported Python in many exception types
             return CheckResult(
                 name,
                 False,

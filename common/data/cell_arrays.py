@@ -27,7 +27,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -171,8 +171,8 @@ class CellArrayDataset(Dataset):
         InputDataError: a missing, truncated or inconsistent file in ``root``.
     """
 
-    _FILES = {"image": IMAGES, "label": DIST_MAPS, "instances": INSTANCES}
-    _DTYPES = {"image": np.uint8, "label": np.float32, "instances": np.int32}
+    _FILES: ClassVar[dict[str, str]] = {"image": IMAGES, "label": DIST_MAPS, "instances": INSTANCES}
+    _DTYPES: ClassVar[dict[str, type]] = {"image": np.uint8, "label": np.float32, "instances": np.int32}
 
     def __init__(
         self,

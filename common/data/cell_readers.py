@@ -223,9 +223,10 @@ def _as_instance_labels(pixels: np.ndarray, path: Path) -> np.ndarray:
         )
     if pixels.dtype == bool:
         pixels = pixels.astype(np.uint8)
-    if not np.issubdtype(pixels.dtype, np.integer):
-        if not (np.isfinite(pixels).all() and (pixels == np.round(pixels)).all()):
-            raise InputDataError(path, f"label image has non-integer values (dtype {pixels.dtype})")
+    if not np.issubdtype(pixels.dtype, np.integer) and not (
+        np.isfinite(pixels).all() and (pixels == np.round(pixels)).all()
+    ):
+        raise InputDataError(path, f"label image has non-integer values (dtype {pixels.dtype})")
     if pixels.min() < 0:
         raise InputDataError(path, f"label image has negative values (min {pixels.min()})")
     if pixels.max() > np.iinfo(np.int32).max:

@@ -77,7 +77,7 @@ def _plain(value: Any) -> torch.Tensor:
 def _images(batch: Mapping[str, Any]) -> list[Any]:
     """The batch's images as given, checked to be a list of (C, H, W) tensors."""
     if not isinstance(batch, Mapping) or not isinstance(batch.get(IMAGE), (list, tuple)):
-        raise ValueError(
+        raise TypeError(
             "a detection batch is a dict holding a list of images under 'image'; build the data loader "
             "with collate_fn=common.engines.detection.detection_collate."
         )

@@ -116,9 +116,11 @@ def _as_label_array(labels: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
         labels = labels[0]
     if labels.ndim < 2:
         raise ValueError(f"{name} must be a label image of shape (H, W) or (1, H, W), got {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not np.issubdtype(labels.dtype, np.floating) or not np.all(np.mod(labels, 1) == 0):
-            raise ValueError(f"{name} must hold integer instance ids, got non-integer {labels.dtype} values")
+    integral = np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0)
+    )
+    if not integral:
+        raise ValueError(f"{name} must hold integer instance ids, got non-integer {labels.dtype} values")
     labels = labels.astype(np.int64, copy=False)
     if labels.size and labels.min() < 0:
         raise ValueError(f"{name} holds negative instance ids; ids must be 0 (background) or positive")

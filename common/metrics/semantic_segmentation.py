@@ -312,10 +312,12 @@ def format_segmentation_report(report: dict[str, Any]) -> str:
 
     width = max(12, *(len(name) for name in report["per_class"]))
     lines = [
-        f"segmentation over {report['n_images']} images: mIoU {cell(report['mIoU']).strip()}, "
-        f"fwIoU {cell(report['fwIoU']).strip()}, mDice {cell(report['mDice']).strip()}, "
-        f"mBoundaryIoU {cell(report['mBoundaryIoU']).strip()}, pixel accuracy "
-        f"{cell(report['pixel_accuracy']).strip()}, coverage {cell(report['coverage']).strip()}",
+        (
+            f"segmentation over {report['n_images']} images: mIoU {cell(report['mIoU']).strip()}, "
+            f"fwIoU {cell(report['fwIoU']).strip()}, mDice {cell(report['mDice']).strip()}, "
+            f"mBoundaryIoU {cell(report['mBoundaryIoU']).strip()}, pixel accuracy "
+            f"{cell(report['pixel_accuracy']).strip()}, coverage {cell(report['coverage']).strip()}"
+        ),
         f"{'class':<{width}} {'IoU':>9} {'Dice':>9} {'bIoU':>9} {'reference':>12} {'predicted':>12}",
     ]
     for name, scores in report["per_class"].items():

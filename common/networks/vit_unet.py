@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -115,7 +116,7 @@ class ViTUNet(nn.Module):
         if block_indices is None:
             block_indices = default_block_indices(depth)
         block_indices = [int(i) for i in block_indices]
-        increasing = all(a < b for a, b in zip(block_indices, block_indices[1:]))
+        increasing = all(a < b for a, b in pairwise(block_indices))
         in_range = all(0 <= i < depth for i in block_indices)
         if len(block_indices) != N_VIT_SKIPS + 1 or not increasing or not in_range:
             raise ValueError(

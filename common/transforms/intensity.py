@@ -9,7 +9,7 @@ ImageNet- (or MAE-, DINO-) pretrained backbone goes through :class:`NormalizeIma
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
@@ -42,7 +42,7 @@ class NormalizeImageNet(Transform):
         ValueError: ``input_max`` is not positive, or the image does not have 3 channels on axis -3.
     """
 
-    backend = [TransformBackends.TORCH]
+    backend: ClassVar[list[TransformBackends]] = [TransformBackends.TORCH]
 
     def __init__(self, input_max: float) -> None:
         if isinstance(input_max, bool) or not isinstance(input_max, (int, float)) or not input_max > 0:

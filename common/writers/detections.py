@@ -21,7 +21,7 @@ import time
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ class DetectionCSVWriter:
                 continue
             try:
                 # unbuffered: an image's rows reach the file in one system call, not in buffer-sized pieces
-                self._file = open(partial, "xb", buffering=0)
+                self._file = open(partial, "xb", buffering=0)  # noqa: SIM115 - open until close()
                 break
             except FileExistsError:
                 continue
@@ -153,7 +153,7 @@ class DetectionCSVWriter:
             logger.info("wrote %d detections in %d images to %s", self.n_detections, self.n_images, self.path)
         return self.path
 
-    def __enter__(self) -> DetectionCSVWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

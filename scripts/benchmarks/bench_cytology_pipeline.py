@@ -83,7 +83,7 @@ def main() -> None:
                 start = time.perf_counter()
             image = watch.time("load and normalise", prepare, pixels)
             heatmaps = watch.time("detector", detector, image[None])
-            points, scores = watch.time("decode", decode_centres, heatmaps, 4, args.top_k, args.threshold)[0]
+            points, _ = watch.time("decode", decode_centres, heatmaps, 4, args.top_k, args.threshold)[0]
             watch.time("crop and classify", classify, image, torch.as_tensor(points, device=device))
         total = time.perf_counter() - start
     crop_and_classify = watch.seconds.pop("crop and classify")

@@ -50,6 +50,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -482,9 +483,10 @@ def _tile_class_map(
         return np.full((height, width), _BACKGROUND, dtype=np.uint8)
     ranked = np.sort(crop[:-1], axis=0)
     winner = np.argmax(crop[:-1], axis=0)
-    if (crop[-1] > _BORDER_WOBBLE).all() and (winner == winner.flat[0]).all():
-        if (ranked[-1] - ranked[-2] > 2 * _BORDER_WOBBLE).all():  # no interpolated pixel can change sides
-            return np.full((height, width), winner.flat[0], dtype=np.uint8)
+    uniform = (crop[-1] > _BORDER_WOBBLE).all() and (winner == winner.flat[0]).all()
+    decided = (ranked[-1] - ranked[-2] > 2 * _BORDER_WOBBLE).all()  # no interpolated pixel can change sides
+    if uniform and decided:
+        return np.full((height, width), winner.flat[0], dtype=np.uint8)
     iy, ix = iy - iy[0], ix - ix[0]
     rows = crop[:, iy] * (1 - ty)[:, None] + crop[:, iy + 1] * ty[:, None]
     fine = rows[:, :, ix] * (1 - tx) + rows[:, :, ix + 1] * tx
@@ -583,7 +585,7 @@ def write_synthetic_slide(
         def tiles(self, tile_size: int) -> Iterator[np.ndarray]:
             with ThreadPoolExecutor(workers) as pool:
                 for ty in range(-(-height // tile_size)):
-                    row = list(pool.map(lambda tx: render_tile(ty, tx), range(-(-width // tile_size))))
+                    row = list(pool.map(render_tile, repeat(ty), range(-(-width // tile_size))))
                     half = ty * tile_size // 2
                     strip = _halve(np.concatenate(row, axis=1))
                     reduced[half : half + strip.shape[0]] = strip

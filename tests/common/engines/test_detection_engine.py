@@ -192,7 +192,7 @@ def test_training_rejects_bad_samples_naming_the_file(change, message):
 
 def test_steps_reject_batches_not_collated_for_detection():
     stacked = {"image": torch.rand(2, 3, SIZE, SIZE)}
-    with pytest.raises(ValueError, match="detection_collate"):
+    with pytest.raises(TypeError, match="detection_collate"):
         DetectionInferenceStep()(cpu_engine(), stacked)
     uneven = {"image": [torch.rand(3, SIZE, SIZE)] * 2, "name": ["a"]}
     with pytest.raises(ValueError, match="1 entries under 'name'"):

@@ -39,7 +39,7 @@ def test_resume_continues_from_latest(tmp_path):
     assert saved["trainer"]["iteration"] == 6 and saved["trainer"]["epoch_length"] == 3
     assert torch.equal(saved["network"]["weight"], network.weight.detach())
 
-    resumed, resumed_network, resumed_optimizer = _trainer(tmp_path, max_epochs=3, resume=True)
+    resumed, _, resumed_optimizer = _trainer(tmp_path, max_epochs=3, resume=True)
     epochs_run = []
     resumed.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_run.append(e.state.epoch))
     resumed.run()
