@@ -27,9 +27,6 @@ class LoadCellImaged(MapTransform):
     ``filename_or_obj`` is kept in the meta data so writers can name their outputs.
     """
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
@@ -47,9 +44,6 @@ class LoadBinaryMaskd(MapTransform):
     Reads in (H, W) order like :class:`LoadCellImaged`, so image and mask stay aligned; MONAI's
     ``LoadImaged`` would return 2D PNGs transposed.
     """
-
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
