@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the MONAI Label server")
     serve.add_argument("--studies", required=True, type=Path, help="folder of images (the datastore)")
-    serve.add_argument("--bundles", nargs="+", choices=sorted(BUNDLES), help="bundles to serve (default: all)")
+    serve.add_argument("--bundles", nargs="+", choices=sorted(BUNDLES), help="models to serve (default: all)")
     serve.add_argument("--bundles-dir", type=Path, help="folder holding the bundles (default: bundles/)")
     serve.add_argument("--models-dir", type=Path, help="folder of <bundle>/ weight folders (default: bundles/<bundle>/models)")
     serve.add_argument("--work-dir", type=Path, help="training logs and slide outputs (default: STUDIES/.monailabel)")

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import tempfile
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,10 @@ from monai.utils import convert_to_numpy
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from common.data.cell_readers import image_size
+from common.data.wsi import open_slide
 from common.errors import InputDataError
 from common.monailabel.bundles import BundleEntry, bundle_parser, label_names
-from common.monailabel.regions import read_slide_region
+from common.monailabel.regions import read_slide_region, tile_boxes
 from common.utils import as_plane, nan_to_none
 from common.writers.display import write_png
 
@@ -73,7 +75,7 @@ class BundleInferTask(InferTask):
         self.overrides = dict(overrides or {})
         super().__init__(
             type=_INFER_TYPES[entry.kind],
-            labels=label_names(self.bundle_dir),
+            labels=label_names(self.bundle_dir, entry.output),
             dimension=2,
             description=entry.name,
             config={"kind": entry.kind},
@@ -105,7 +107,8 @@ class BundleInferTask(InferTask):
 
     def parser(self, extra: Mapping[str, Any] | None = None) -> ConfigParser:
         """The bundle's inference config with its MONAI Label layer, this app's overrides and ``extra``."""
-        return bundle_parser(self.bundle_dir, "infer", self.models_dir, {**self.overrides, **(extra or {})})
+        layer = self.entry.layer("infer")
+        return bundle_parser(self.bundle_dir, layer, self.models_dir, {**self.overrides, **(extra or {})})
 
     def require_weights(self) -> None:
         if not self.is_trained():
@@ -136,12 +139,14 @@ class ImageInferTask(BundleInferTask):
     """Runs the bundle's ``evaluator`` on one image and turns its output into the viewer's label:
 
     - ``instances``: the instance map (uint16, 0 background) and the per-cell CSV as ``cells`` rows;
-    - ``mask``: the (H, W) uint8 mask, 1 = lesion;
+    - ``mask``: the (H, W) uint8 mask or label map (values as in the metadata's label names);
     - ``detections``: each detection drawn as a filled ``box_size`` square of value class index + 1
       (uint8), and ``detections`` as JSON: centre, box (x0, y0, x1, y1), class name and score.
 
     ``monailabel_infer.json`` points ``datalist`` at ``@monailabel_image`` and names the output key in
-    ``monailabel_label_key``.
+    ``monailabel_label_key``; where a writer saves a JSON file of the prediction (the angiography
+    segments: name, score, box, RLE), ``monailabel_json_key`` names the output key of its path and the
+    file's content is returned with the label.
     """
 
     def run_evaluator(self, image: str, output_dir: str) -> tuple[dict[str, Any], Any]:
@@ -164,7 +169,7 @@ class ImageInferTask(BundleInferTask):
                 if label.max(initial=0) > np.iinfo(np.uint16).max:
                     raise ValueError(f"{image}: more than 65535 cells do not fit a 16-bit label image")
                 return label.astype(np.uint16), {"cells": _read_tables(scratch)}
-            return label.astype(np.uint8), {}
+            return label.astype(np.uint8), _written_json(output, parser)
 
     def _detections(
         self, output: Mapping[str, Any], parser: ConfigParser, size: tuple[int, int]
@@ -184,10 +189,23 @@ class ImageInferTask(BundleInferTask):
             cols = slice(max(round(x0), 0), max(round(x1), 0))
             label[rows, cols] = cls + 1  # higher scores drawn last, so they stay on top
             detections.append(
-                {"x": float(x), "y": float(y), "box": [x0, y0, x1, y1], "class": class_names[cls], "score": float(score)}
+                {
+                    "x": float(x),
+                    "y": float(y),
+                    "box": [x0, y0, x1, y1],
+                    "class": class_names[cls],
+                    "score": float(score),
+                }
             )
         detections.reverse()
         return label, {"detections": nan_to_none(detections), "class_names": class_names}
+
+
+def _written_json(output: Mapping[str, Any], parser: ConfigParser) -> dict[str, Any]:
+    """The JSON file whose path the bundle's writer put under ``monailabel_json_key``, if the layer names one."""
+    if "monailabel_json_key" not in parser:
+        return {}
+    return json.loads(Path(output[parser.get_parsed_content("monailabel_json_key")]).read_text())
 
 
 def _read_tables(folder: str) -> list[dict[str, str]]:
@@ -207,19 +225,46 @@ class SlideInferTask(BundleInferTask):
     ``monailabel_region_inferer`` and returns the (height, width) uint8 class map at level-0 resolution
     (values as in the bundle's masks: class index, ``C`` background). Without a region the bundle's
     ``segmenter`` writes the whole slide's outputs under ``output_dir`` and its summary is returned.
+    :meth:`predict_tiles` answers QuPath's tiled ``/infer/wsi`` (see :mod:`common.monailabel.wsi`).
     """
 
     def __init__(self, *args: Any, output_dir: str | os.PathLike, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.output_dir = Path(output_dir)
 
-    def predict(self, image: str, request: Mapping[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+    def _slide_parser(self) -> ConfigParser:
         parser = self.parser({"output_dir": str(self.output_dir), "num_workers": 0})
         parser.get_parsed_content("initialize")
+        return parser
+
+    def predict(self, image: str, request: Mapping[str, Any]) -> tuple[np.ndarray | None, dict[str, Any]]:
+        parser = self._slide_parser()
         if "location" not in request and "size" not in request:
             summary = parser.get_parsed_content("segmenter")(image)
             return None, nan_to_none(summary)
-        return self._region(image, request, parser), {"location": list(request["location"]), "size": list(request["size"])}
+        return self._region(image, request, parser), {
+            "location": list(request["location"]),
+            "size": list(request["size"]),
+        }
+
+    def predict_tiles(
+        self, image: str, location: Sequence[int], size: Sequence[int], tile_size: Sequence[int]
+    ) -> Iterator[tuple[tuple[int, int, int, int], np.ndarray]]:
+        """``(x, y, width, height)`` and class map of each ``tile_size`` tile of a region in level-0
+        pixels, with one network for every tile."""
+        self.require_weights()
+        parser = self._slide_parser()
+        for x, y, width, height in tile_boxes(location, size, tile_size):
+            yield (
+                (x, y, width, height),
+                self._region(image, {"location": [x, y], "size": [width, height]}, parser),
+            )
+
+    def slide_size(self, image: str) -> tuple[int, int]:
+        """``(width, height)`` of the slide at level 0."""
+        with open_slide(image, self.parser().get_parsed_content("backend")) as slide:
+            height, width = slide.info.level_dimensions[0]
+        return width, height
 
     def _region(self, image: str, request: Mapping[str, Any], parser: ConfigParser) -> np.ndarray:
         (_, _, width, height), pixels = read_slide_region(

@@ -23,7 +23,7 @@ from common.errors import InputDataError
 from common.utils import file_stem
 from common.writers.display import write_png
 
-__all__ = ["read_slide_region", "region_box", "slide_region_patches"]
+__all__ = ["read_slide_region", "region_box", "slide_region_patches", "tile_boxes"]
 
 
 def region_box(path: str | os.PathLike, location: Any, size: Any) -> tuple[int, int, int, int]:
@@ -31,10 +31,29 @@ def region_box(path: str | os.PathLike, location: Any, size: Any) -> tuple[int, 
     try:
         (x, y), (width, height) = (int(v) for v in location), (int(v) for v in size)
     except (TypeError, ValueError) as err:
-        raise InputDataError(path, f"a region needs location [x, y] and size [width, height], got {location}, {size}") from err
+        raise InputDataError(
+            path, f"a region needs location [x, y] and size [width, height], got {location}, {size}"
+        ) from err
     if x < 0 or y < 0 or width <= 0 or height <= 0:
         raise InputDataError(path, f"region x={x}, y={y}, {width}x{height} lies outside the slide")
     return x, y, width, height
+
+
+def tile_boxes(location: Any, size: Any, tile_size: Any) -> list[tuple[int, int, int, int]]:
+    """``(x, y, width, height)`` of the ``tile_size`` tiles covering a region, row by row; the last
+    column and row are cut to the region."""
+    x, y, width, height = region_box(None, location, size)
+    try:
+        tile_width, tile_height = (int(v) for v in tile_size)
+    except (TypeError, ValueError) as err:
+        raise InputDataError(None, f"tile_size must be [width, height], got {tile_size}") from err
+    if tile_width <= 0 or tile_height <= 0:
+        raise InputDataError(None, f"tile_size must be positive, got {tile_size}")
+    return [
+        (tx, ty, min(tile_width, x + width - tx), min(tile_height, y + height - ty))
+        for ty in range(y, y + height, tile_height)
+        for tx in range(x, x + width, tile_width)
+    ]
 
 
 def read_slide_region(
@@ -82,15 +101,21 @@ def slide_region_patches(
         if "location" not in item:
             patches.append(dict(item))
             continue
-        (x, y, width, height), pixels = read_slide_region(item["image"], item["location"], item["size"], mpp, backend)
+        (x, y, width, height), pixels = read_slide_region(
+            item["image"], item["location"], item["size"], mpp, backend
+        )
         mask = read_mask(item["label"], num_classes)
         if mask.shape != (height, width):
-            raise InputDataError(item["label"], f"mask is {mask.shape[1]}x{mask.shape[0]} but the region is {width}x{height}")
+            raise InputDataError(
+                item["label"], f"mask is {mask.shape[1]}x{mask.shape[0]} but the region is {width}x{height}"
+            )
         mask = np.asarray(Image.fromarray(mask).resize(pixels.shape[:0:-1], Image.Resampling.NEAREST))
         stem = f"{file_stem(item['image'])}_x{x}_y{y}_{width}x{height}"
         patches.append(
             {
-                "image": str(write_png(np.ascontiguousarray(pixels.transpose(1, 2, 0)), output_dir / f"{stem}.png")),
+                "image": str(
+                    write_png(np.ascontiguousarray(pixels.transpose(1, 2, 0)), output_dir / f"{stem}.png")
+                ),
                 "label": str(write_png(mask, output_dir / f"{stem}_mask.png")),
             }
         )

@@ -1,11 +1,11 @@
 """MONAI Label training task: a bundle's own ``train.json`` run on the labels saved in the datastore.
 
-The bundle's ``configs/monailabel_train.json`` layer points its training and validation datasets at
+The model's ``configs/monailabel_train*.json`` layer points its training and validation datasets at
 ``@monailabel_datalist`` (``[{"image": path, "label": path}]`` from the datastore) and adds what turns a
 saved label into the bundle's target; everything else (network, loss, optimiser, handlers, the
-checkpoint that writes ``model.pt``) is the bundle's. Training starts from the served weights when there
-are some, so annotators' corrections fine-tune the model; the inference task reads the new weights on
-its next call.
+checkpoint that writes the model's weights file) is the bundle's. Training starts from the served
+weights when there are some, so annotators' corrections fine-tune the model; the inference task reads
+the new weights on its next call.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ class BundleTrainTask(TrainTask):
         owns_unmarked: bool = False,
         overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(f"Train {entry.name} on the datastore's final labels with its train.json")
+        super().__init__(
+            f"Train {entry.name} on the datastore's final labels with its bundle's training config"
+        )
         self.entry = entry
         self.bundle_dir = Path(bundle_dir)
         self.models_dir = Path(models_dir)
@@ -78,12 +80,17 @@ class BundleTrainTask(TrainTask):
         self.models_dir.mkdir(parents=True, exist_ok=True)
         parser = bundle_parser(
             self.bundle_dir,
-            "train",
+            self.entry.layer("train"),
             self.models_dir,
-            {**self.overrides, "monailabel_datalist": datalist, "epochs": epochs, "output_dir": str(self.runs_dir)},
+            {
+                **self.overrides,
+                "monailabel_datalist": datalist,
+                "epochs": epochs,
+                "output_dir": str(self.runs_dir),
+            },
         )
         parser.get_parsed_content("initialize")
-        weights = self.models_dir / "model.pt"
+        weights = self.models_dir / self.entry.weights[0]
         if weights.is_file():
             state = extract_state_dict(load_checkpoint(weights))
             unwrap_module(parser.get_parsed_content("network")).load_state_dict(state)

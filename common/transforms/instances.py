@@ -5,6 +5,9 @@ the lesion masks go through the same spatial transforms as the image (nearest in
 and :class:`BoxesFromInstancesd` recomputes the boxes afterwards, so that rotations, elastic
 deformations and zooms leave image, masks and boxes aligned without any box geometry.
 
+A semantic label map whose values are categories (e.g. the CASS segment map an annotator saves in
+MONAI Label) becomes instances with :class:`LoadLabelMapInstancesd`: one instance per value present.
+
 Typical training chain::
 
     MaskToInstancesd()                           # mask (1, H, W) -> instances (N, H, W), labels (N,)
@@ -16,19 +19,32 @@ Typical training chain::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import convert_to_dst_type, convert_to_numpy
+from PIL import Image
 from scipy import ndimage
 
-__all__ = ["BoxesFromInstancesd", "MaskToInstancesd", "instance_boxes", "label_instances"]
+from common.errors import InputDataError
+
+__all__ = [
+    "BoxesFromInstancesd",
+    "LoadLabelMapInstancesd",
+    "MaskToInstancesd",
+    "instance_boxes",
+    "label_instances",
+    "label_map_instances",
+    "read_label_map",
+]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
 
 
 def label_instances(mask: np.ndarray | torch.Tensor, min_area: int = 0) -> np.ndarray:
@@ -68,6 +84,59 @@ def instance_boxes(instances: np.ndarray | torch.Tensor) -> np.ndarray:
     boxes = np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
     boxes[~filled] = 0
     return boxes
+
+
+_LABEL_MAP_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
+
+
+def read_label_map(path: str | os.PathLike) -> np.ndarray:
+    """A label map file (greyscale or palette PNG/TIFF of category values, 0 background) as (H, W) int64.
+
+    Raises:
+        InputDataError: missing or unreadable file, or a colour image (categories need one channel).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(path, "label map file not found")
+    try:
+        with Image.open(path) as img:
+            mode, pixels = img.mode, np.asarray(img)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise InputDataError(path, f"not a readable label map ({err})") from err
+    if mode not in _LABEL_MAP_MODES:
+        raise InputDataError(
+            path, f"label map is a {mode} image; expected one channel of category values (L, P or I)"
+        )
+    return pixels.astype(np.int64)
+
+
+def label_map_instances(
+    label_map: np.ndarray | torch.Tensor, num_labels: int, path: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W) uint8 masks and (N,) int64 labels, one instance per category value present in a
+    (1, H, W) or (H, W) label map, in increasing value order; 0 is background.
+
+    A category is one instance however many pieces it has (a CASS segment cut by a crossing vessel
+    is still one segment), unlike :func:`label_instances`, which splits a binary mask into components.
+
+    Raises:
+        InputDataError: values outside ``0..num_labels`` (listed), naming ``path``.
+    """
+    label_map = convert_to_numpy(label_map)
+    if label_map.ndim == 3 and label_map.shape[0] == 1:
+        label_map = label_map[0]
+    if label_map.ndim != 2:
+        raise ValueError(f"label map must be (1, H, W) or (H, W), got shape {label_map.shape}")
+    values = np.unique(label_map).astype(np.int64)
+    bad = values[(values < 0) | (values > num_labels)]
+    if bad.size:
+        listed = ", ".join(str(v) for v in bad[:10].tolist())
+        raise InputDataError(
+            path,
+            f"label map holds values {listed} outside 0..{num_labels} (0 background, 1..{num_labels} categories)",
+        )
+    labels = values[values > 0]
+    return (label_map[None] == labels[:, None, None]).astype(np.uint8), labels
 
 
 class MaskToInstancesd(MapTransform):
@@ -166,4 +235,63 @@ class BoxesFromInstancesd(MapTransform):
                 d[key] = torch.from_numpy(binary.astype(np.uint8))
             d[self.labels_key] = labels[torch.from_numpy(kept)]
             d[self.boxes_key] = torch.from_numpy(instance_boxes(binary))
+        return d
+
+
+class LoadLabelMapInstancesd(MapTransform):
+    """Read the label map (0 background, ``1..num_labels`` one category each) whose path is under
+    ``keys`` and write its instances: ``instances_key`` (N, H, W) uint8 and ``labels_key`` (N,) int64, as
+    :class:`MaskToInstancesd` writes them, one instance per category present (see
+    :func:`label_map_instances`). The instances take the metadata of the loaded image under
+    ``image_key``, so that MONAI spatial transforms treat both alike. Run it after loading the image
+    and before the spatial augmentation.
+
+    Args:
+        keys: the label-map path (kept, as :class:`MaskToInstancesd` keeps its mask).
+        num_labels: the largest category value.
+        image_key: the loaded (C, H, W) image, which must have the label map's size.
+        instances_key, labels_key: where to write the instances and their categories.
+
+    Raises:
+        InputDataError: naming the label map, when it is unreadable, holds values outside
+            ``0..num_labels`` or differs in size from the image.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        num_labels: int,
+        image_key: str = "image",
+        instances_key: str = "instances",
+        labels_key: str = "labels",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+        self.num_labels = num_labels
+        self.image_key = image_key
+        self.instances_key = instances_key
+        self.labels_key = labels_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            label_map = read_label_map(path)
+            image = d[self.image_key]
+            if not isinstance(image, (torch.Tensor, np.ndarray)) or image.ndim != 3:
+                raise ValueError(f"{self.image_key!r} must be a loaded (C, H, W) image, not {type(image)}")
+            if tuple(image.shape[1:]) != label_map.shape:
+                raise InputDataError(
+                    path,
+                    f"label map is {label_map.shape[0]}x{label_map.shape[1]} but its image is "
+                    f"{image.shape[1]}x{image.shape[2]} (height x width)",
+                )
+            instances, labels = label_map_instances(label_map, self.num_labels, path)
+            if isinstance(image, torch.Tensor):
+                d[self.instances_key] = convert_to_dst_type(instances, image, dtype=torch.uint8)[0]
+            else:
+                d[self.instances_key] = torch.from_numpy(instances)
+            d[self.labels_key] = torch.from_numpy(labels)
         return d
