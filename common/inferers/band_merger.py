@@ -64,6 +64,10 @@ def _last_tile(edges: list[int], starts: Sequence[int], patch: int) -> list[int]
 
 
 _NONE = 255  # label of a blended pixel that no kept tile covers, before it becomes background
+# full-resolution rows that StrideUpsampler computes at once: few enough that the scores of the quads
+# whose corners disagree stay small, and fewer when the probabilities (C + 1 floats a pixel) are kept
+_ROWS = 128
+_ROWS_WITH_PROBABILITIES = 16
 
 
 class StrideUpsampler:
@@ -95,11 +99,13 @@ class StrideUpsampler:
     ) -> None:
         self.shape, self.stride = (int(shape[0]), int(shape[1])), int(stride)
         self.low_rows = -(-self.shape[0] // self.stride)
-        self.background_index, self.write_rows, self.probabilities = background_index, write_rows, probabilities
-        self.half = (self.stride + 1) // 2  # a quad starts this many pixels before its lower-right blended pixel
+        self.background_index, self.write_rows = background_index, write_rows
+        self.probabilities = probabilities
+        # a quad starts this many pixels before its lower-right blended pixel
+        self.half = (self.stride + 1) // 2
         offsets = np.arange(self.stride)
-        self.weights = ((offsets - self.half + 0.5) / self.stride + 0.5).astype(np.float32)  # of the later pixel
-        self.own_column = np.arange(self.shape[1]) // self.stride + 1  # in rows padded by one column each side
+        # the weight of the later blended pixel, at each offset in a quad
+        self.weights = ((offsets - self.half + 0.5) / self.stride + 0.5).astype(np.float32)
         self._received = 0  # blended rows received
         self._context: tuple[np.ndarray, np.ndarray] | None = None  # the last blended row, padded
         self._tissue: np.ndarray | None = None  # flags of the full-resolution rows not written yet
@@ -113,59 +119,79 @@ class StrideUpsampler:
         first_quad = self._received  # quad q blends blended rows q - 1 and q (clamped)
         above = (padded[:, :1], labels[:1]) if self._context is None else self._context
         self._received += probabilities.shape[1]
-        below = (padded[:, -1:], labels[-1:]) if self._received == self.low_rows else (padded[:, :0], labels[:0])
+        below = (
+            (padded[:, -1:], labels[-1:]) if self._received == self.low_rows else (padded[:, :0], labels[:0])
+        )
         self._context = (padded[:, -1:], labels[-1:])
         rows = np.concatenate([above[0], padded, below[0]], axis=1)
         row_labels = np.concatenate([above[1], labels, below[1]])
         if tissue is not None:
             self._tissue = tissue if self._tissue is None else np.concatenate([self._tissue, tissue])
-        blocks = [self._quad_row(rows, row_labels, q, first_quad + q) for q in range(len(row_labels) - 1)]
-        blocks = [block for block in blocks if block[0].shape[0]]
-        if not blocks:
-            return
-        block_labels = np.concatenate([block[0] for block in blocks])
-        if self._tissue is not None:
-            block_labels[~self._tissue[: len(block_labels)]] = self.background_index
-            self._tissue = self._tissue[len(block_labels) :]
-        if self.probabilities is not None:
-            block_probabilities = np.concatenate([block[1] for block in blocks], axis=1)
-            self.probabilities[0, :, self._top : self._top + len(block_labels)] = block_probabilities
-        self.write_rows(self._top, block_labels)
-        self._top += len(block_labels)
+        quad_rows = len(row_labels) - 1
+        step = max(1, (_ROWS_WITH_PROBABILITIES if self.probabilities is not None else _ROWS) // self.stride)
+        # labels go out as they are made (a band's width is held, not a cell row's), probabilities once per
+        # push: zarr would read back and rewrite partly written chunks
+        kept, top = [], self._top
+        for q in range(0, quad_rows, step):
+            labels, probabilities = self._quad_rows(rows, row_labels, first_quad, q, min(q + step, quad_rows))
+            if not len(labels):
+                continue
+            if self._tissue is not None:
+                labels[~self._tissue[: len(labels)]] = self.background_index
+                self._tissue = self._tissue[len(labels) :]
+            if probabilities is not None:
+                kept.append(probabilities)
+            self.write_rows(self._top, labels)
+            self._top += len(labels)
+        if kept:
+            self.probabilities[0, :, top : self._top] = (
+                np.concatenate(kept, axis=1) if len(kept) > 1 else kept[0]
+            )
 
-    def _scores(self, rows: np.ndarray, q: int, quads: np.ndarray) -> np.ndarray:
-        """``(C, n, s, s)`` bilinear scores of the quads ``quads`` of quad row ``q`` of ``rows``."""
+    def _scores(self, rows: np.ndarray, q: Any, quads: Any) -> np.ndarray:
+        """``(C, ..., s, s)`` bilinear scores of the quads in quad rows ``q`` and columns ``quads`` of
+        ``rows`` (integers or index arrays that broadcast to the shape ``...``)."""
         w = self.weights
         upper = rows[:, q, quads, None] * (1 - w) + rows[:, q, quads + 1, None] * w
         lower = rows[:, q + 1, quads, None] * (1 - w) + rows[:, q + 1, quads + 1, None] * w
-        return upper[:, :, None, :] * (1 - w)[:, None] + lower[:, :, None, :] * w[:, None]
+        return upper[..., None, :] * (1 - w)[:, None] + lower[..., None, :] * w[:, None]
 
-    def _quad_row(
-        self, rows: np.ndarray, labels: np.ndarray, q: int, quad: int
+    def _quad_rows(
+        self, rows: np.ndarray, labels: np.ndarray, first_quad: int, q0: int, q1: int
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Labels (and probabilities, when kept) of the full-resolution rows of quad row ``quad``."""
+        """Labels (and probabilities, when kept) of the full-resolution rows of quad rows ``q0 .. q1 - 1``
+        of ``rows`` (quad row ``q`` of the slide being ``first_quad + q``), all at once."""
         s, half, (height, width) = self.stride, self.half, self.shape
-        top = s * quad - half
+        n = q1 - q0
+        top = s * (first_quad + q0) - half  # may be negative: the first quad row starts above the slide
         first = max(0, -top)
-        stop = max(first, min(s, height - top))
-        a, b, c, d = labels[q, :-1], labels[q, 1:], labels[q + 1, :-1], labels[q + 1, 1:]
-        quads = len(a)
-        block = np.repeat(np.repeat(a, s)[None], s, axis=0)  # (s, quads * s), uniform quads
-        mixed = np.flatnonzero((a != b) | (a != c) | (a != d))
-        if len(mixed):
-            block.reshape(s, quads, s).transpose(1, 0, 2)[mixed] = argmax_first(self._scores(rows, q, mixed))
-        own = np.where((np.arange(s) < half)[:, None], labels[q, self.own_column], labels[q + 1, self.own_column])
-        block = block[first:stop, half : half + width]
-        own = own[first:stop]
-        block[own == _NONE] = self.background_index
+        stop = max(first, min(n * s, height - top))
+        a, b = labels[q0:q1, :-1], labels[q0:q1, 1:]
+        c, d = labels[q0 + 1 : q1 + 1, :-1], labels[q0 + 1 : q1 + 1, 1:]
+        quads = a.shape[1]
+        # a pixel is background when its own blended pixel (the nearest: the quad's corner in its quadrant)
+        # is uncovered; in a uniform quad all four are alike, so only the mixed quads need looking at
+        quadrant = 2 * (np.arange(s) >= half)[:, None] + (np.arange(s) >= half)[None]  # (s, s): a, b, c, d
+        block = np.empty((n, s, quads, s), np.uint8)  # quad row, row in quad, quad, column in quad
+        block[...] = np.where(a == _NONE, self.background_index, a)[:, None, :, None]
+        mixed = np.nonzero((a != b) | (a != c) | (a != d))
+        if len(mixed[0]):
+            mixed_labels = argmax_first(self._scores(rows, q0 + mixed[0], mixed[1]))
+            corners = np.stack([corner[mixed] == _NONE for corner in (a, b, c, d)], axis=1)  # (k, 4)
+            mixed_labels[corners[:, quadrant]] = self.background_index
+            block.transpose(0, 2, 1, 3)[mixed] = mixed_labels
+        block = block.reshape(n * s, quads * s)[first:stop, half : half + width]
         if self.probabilities is None:
             return block, None
         covered = (labels != _NONE).astype(np.float32)[None]
-        scores = self._scores(np.concatenate([rows, covered]), q, np.arange(quads))
-        scores = scores.transpose(0, 2, 1, 3).reshape(len(scores), s, quads * s)[:, first:stop, half : half + width]
+        scores = self._scores(np.concatenate([rows, covered]), np.arange(q0, q1)[:, None], np.arange(quads))
+        scores = scores.transpose(0, 1, 3, 2, 4).reshape(len(scores), n * s, quads * s)
+        scores = scores[:, first:stop, half : half + width]
         with np.errstate(invalid="ignore", divide="ignore"):
             averaged = scores[:-1] / scores[-1:]
-        averaged[:, own == _NONE] = np.nan
+        corners = np.stack([corner == _NONE for corner in (a, b, c, d)], axis=-1)  # (n, quads, 4)
+        uncovered = corners[:, :, quadrant].transpose(0, 2, 1, 3).reshape(n * s, quads * s)
+        averaged[:, uncovered[first:stop, half : half + width]] = np.nan
         return block, averaged
 
 
@@ -237,11 +263,14 @@ class BandMerger:
         self._row_blocks: dict[int, list[np.ndarray | None]] = {}  # a cell row's finalised parts
         self._upsampler = None
         if self.stride > 1:
-            self._upsampler = StrideUpsampler(self.shape, self.stride, background_index, self._write, probabilities)
+            self._upsampler = StrideUpsampler(
+                self.shape, self.stride, background_index, self._write, probabilities
+            )
         self._rows_written = 0  # cell rows handed on
         self._last_added = -1
         self.class_pixels = np.zeros(num_classes, dtype=np.int64)
         self.peak_bytes = 0  # most bytes of sums and tissue flags held at once
+        self._held = 0  # bytes of sums and tissue flags held now
 
     def _cell_span(self, edges: list[int], start: int, patch: int, size: int) -> range:
         first = bisect.bisect_left(edges, start)
@@ -273,11 +302,13 @@ class BandMerger:
                 else:
                     self._sums[r, c] = part.astype(np.float32, copy=True)
                     self._counts[r, c] = 1
+                    self._held += self._sums[r, c].nbytes
                 if tissue is not None:  # at full resolution, cut at the slide's edge
                     rows = slice(s * (y0 - top), min(s * y1, self.shape[0]) - s * top)
-                    self._tissue[r, c] = tissue[rows, s * (x0 - left) : min(s * x1, self.shape[1]) - s * left]
-        held = sum(s.nbytes for s in self._sums.values()) + sum(t.nbytes for t in self._tissue.values())
-        self.peak_bytes = max(self.peak_bytes, held)
+                    flags = tissue[rows, s * (x0 - left) : min(s * x1, self.shape[1]) - s * left]
+                    self._held += flags.nbytes - self._tissue.pop((r, c), flags[:0]).nbytes
+                    self._tissue[r, c] = flags
+        self.peak_bytes = max(self.peak_bytes, self._held)
 
     def finish(self) -> None:
         """Finalise every cell left; all rows have then been written."""
@@ -305,6 +336,7 @@ class BandMerger:
         its cell row, which is handed on once all its cells are final."""
         sums, count = self._sums.pop((r, c), None), self._counts.pop((r, c), 0)
         tissue = self._tissue.pop((r, c), None)
+        self._held -= (0 if sums is None else sums.nbytes) + (0 if tissue is None else tissue.nbytes)
         blocks = self._row_blocks.setdefault(r, [])
         if self.stride == 1:
             y0, y1, x0, x1 = self.y_edges[r], self.y_edges[r + 1], self.x_edges[c], self.x_edges[c + 1]
@@ -322,7 +354,10 @@ class BandMerger:
             blocks.append(tissue)
         self._final_rows[r] += 1
         cells_per_row = len(self.x_edges) - 1
-        while self._rows_written < len(self._final_rows) and self._final_rows[self._rows_written] == cells_per_row:
+        while (
+            self._rows_written < len(self._final_rows)
+            and self._final_rows[self._rows_written] == cells_per_row
+        ):
             self._hand_on(self._rows_written, self._row_blocks.pop(self._rows_written))
             self._rows_written += 1
 
@@ -342,6 +377,8 @@ class BandMerger:
                 covered[:, x0:x1] = True
             if flags is not None:
                 if tissue is None:
-                    tissue = np.ones((min(s * self.y_edges[r + 1], height) - s * self.y_edges[r], width), bool)
+                    tissue = np.ones(
+                        (min(s * self.y_edges[r + 1], height) - s * self.y_edges[r], width), bool
+                    )
                 tissue[:, s * x0 : min(s * x1, width)] = flags
         self._upsampler.push(probabilities, covered, tissue)

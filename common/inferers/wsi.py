@@ -12,6 +12,13 @@ memory, and class maps that differ from full-resolution blending only along clas
 tiles are placed as MONAI's ``WSISlidingWindowSplitter`` places them.
 Pixels that no kept tile covers are labelled ``background_index``, never class 0.
 
+The class map is written while the slide is processed: the TIFF writer pulls level 0 a strip of tiles
+at a time from the merger's final rows (:class:`_StreamedClassMap`), and its coarser levels wait,
+zlib-compressed, in a scratch file. What is held therefore grows with the slide's width (the band, one
+strip of class-map tiles, the TIFF tiles kept for the next row of patches), never with its height; on
+the CPU no batch-sized array is made per batch either (see :meth:`WholeSlideSegmenter._batch`), which
+kept the heap from fragmenting as slides grew.
+
 Outputs, per slide ``<stem>``, each written atomically into ``output_dir``:
 
 - ``<stem>_classes.tif``: uint8 class map of the processed level as a tiled pyramidal TIFF (levels
@@ -32,11 +39,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+import zlib
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
 import torch
 import torch.nn.functional as F
 import zarr
@@ -111,11 +120,18 @@ class TissueFilter:
 def mode_pool2(labels: np.ndarray) -> np.ndarray:
     """Halve a label map: each output pixel is the most frequent of its 2x2 block, ties going to the
     top-left pixel (as plain striding would). Odd sizes are padded by repeating the last row/column."""
-    padded = np.pad(labels, ((0, labels.shape[0] % 2), (0, labels.shape[1] % 2)), mode="edge")
-    a, b, c, d = padded[0::2, 0::2], padded[0::2, 1::2], padded[1::2, 0::2], padded[1::2, 1::2]
+    if labels.shape[0] % 2 or labels.shape[1] % 2:
+        labels = np.pad(labels, ((0, labels.shape[0] % 2), (0, labels.shape[1] % 2)), mode="edge")
+    a, b, c, d = labels[0::2, 0::2], labels[0::2, 1::2], labels[1::2, 0::2], labels[1::2, 1::2]
     # a value shared by two of four is a mode, and no other value can then win more than two: the top-left
-    # one when it is shared, else the first of the others that is, else (all differ) the top-left one
-    return np.where((a == b) | (a == c) | (a == d), a, np.where((b == c) | (b == d), b, np.where(c == d, c, a)))
+    # one when it is shared, else the first of the others that is, else (all differ) the top-left one; the
+    # top-left one is shared almost everywhere in a class map, so the rest is worked out only where it is not
+    pooled = a.copy()
+    lone = (a != b) & (a != c) & (a != d)
+    if lone.any():
+        b, c, d = b[lone], c[lone], d[lone]
+        pooled[lone] = np.where((b == c) | (b == d), b, np.where(c == d, c, pooled[lone]))
+    return pooled
 
 
 class _ProbabilityNetwork:
@@ -160,9 +176,22 @@ class _ProbabilityNetwork:
         if self.stride == 1 and logits.shape[-2:] != batch.shape[-2:]:  # a stride-8 head's scores are smooth
             size = batch.shape[-2:]
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-        probabilities = torch.softmax(logits.float(), dim=1).contiguous().cpu().numpy()  # waits for the device
+        if logits.device.type == "cpu":
+            probabilities = _softmax(logits.float().numpy())
+        else:  # .cpu() waits for the device
+            probabilities = torch.softmax(logits.float(), dim=1).contiguous().cpu().numpy()
         self.seconds += time.perf_counter() - start
         return probabilities
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over axis 1 of ``(B, C, h, w)`` scores, into a new C-ordered array. NumPy's, on the calling
+    thread, rather than torch's: on a loaded CPU, torch's intra-op threads made a softmax of 8 tiles at
+    stride 8 take 16 ms instead of 0.4 ms, each parallel region waiting for a descheduled thread."""
+    probabilities = np.subtract(scores, scores.max(axis=1, keepdims=True), order="C", dtype=np.float32)
+    np.exp(probabilities, out=probabilities)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    return probabilities
 
 
 def _zarr_codecs() -> dict[str, Any]:
@@ -175,27 +204,6 @@ def _zarr_codecs() -> dict[str, Any]:
     return {"codecs": [zarr.codecs.BytesCodec(), codec]}
 
 
-class _RowWriter:
-    """Writes the full-width rows a :class:`BandMerger` finalises into a zarr label array, in whole rows of
-    chunks (partial chunks would be compressed, read back and rewritten); holds less than a chunk row
-    plus one band of rows."""
-
-    def __init__(self, array: zarr.Array) -> None:
-        self.array, self.chunk = array, array.chunks[0]
-        self.pending: list[np.ndarray] = []
-        self.top = 0  # first row not yet written
-
-    def __call__(self, top: int, labels: np.ndarray) -> None:
-        self.pending.append(labels)
-        rows = sum(block.shape[0] for block in self.pending)
-        if rows >= self.chunk or top + labels.shape[0] == self.array.shape[0]:
-            block = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
-            whole = rows if top + labels.shape[0] == self.array.shape[0] else rows - rows % self.chunk
-            self.array[self.top : self.top + whole] = block[:whole]
-            self.pending = [block[whole:]] if whole < rows else []
-            self.top += whole
-
-
 def _blocks(shape: Sequence[int], block: int) -> Iterator[tuple[slice, slice]]:
     """Row-major ``(rows, columns)`` slices of ``block`` x ``block`` tiles covering ``shape``."""
     for y in range(0, shape[0], block):
@@ -203,24 +211,95 @@ def _blocks(shape: Sequence[int], block: int) -> Iterator[tuple[slice, slice]]:
             yield slice(y, min(y + block, shape[0])), slice(x, min(x + block, shape[1]))
 
 
-def _label_array(path: Path, shape: tuple[int, int], chunk: int, fill_value: int) -> zarr.Array:
-    return zarr.open_array(
-        str(path), mode="w", shape=shape, chunks=(chunk, chunk), dtype="uint8", fill_value=fill_value
-    )
+def _strips(blocks: Iterable[np.ndarray], rows: int, width: int) -> Iterator[np.ndarray]:
+    """Regroup uint8 row blocks of one image, top to bottom, into strips of ``rows`` rows (the last one
+    shorter), copied into one buffer: a strip is valid until the next one is asked for."""
+    strip = np.empty((rows, width), np.uint8)
+    filled = 0
+    for block in blocks:
+        start = 0
+        while start < len(block):
+            count = min(rows - filled, len(block) - start)
+            strip[filled : filled + count] = block[start : start + count]
+            filled, start = filled + count, start + count
+            if filled == rows:
+                yield strip
+                filled = 0
+    if filled:
+        yield strip[:filled]
 
 
-def _pyramid(level0: zarr.Array, scratch: Path, tile_size: int, background_index: int) -> list[zarr.Array]:
-    """Level 0 and its 2x mode-pooled reductions until the largest side fits one tile, built tile by tile."""
-    levels = [level0]
-    while max(levels[-1].shape) > tile_size:
-        finer = levels[-1]
-        shape = (-(-finer.shape[0] // 2), -(-finer.shape[1] // 2))
-        coarser = _label_array(scratch / f"classes_{len(levels)}.zarr", shape, tile_size, background_index)
-        for rows, cols in _blocks(shape, tile_size):
-            block = finer[2 * rows.start : 2 * rows.stop, 2 * cols.start : 2 * cols.stop]
-            coarser[rows, cols] = mode_pool2(np.asarray(block))
-        levels.append(coarser)
-    return levels
+def _strip_tiles(strip: np.ndarray, tile_size: int) -> Iterator[np.ndarray]:
+    """The strip's tiles, left to right, as copies (the strip's buffer is reused)."""
+    for x in range(0, strip.shape[1], tile_size):
+        yield strip[:, x : x + tile_size].copy()
+
+
+class _ReducedLevel:
+    """One 2x mode-pooled level of the class map, filled a strip of TIFF tiles at a time while the finer
+    level is written, kept zlib-compressed in a scratch file until the TIFF writer reads it back; it pools
+    each finished strip into the next coarser level in turn."""
+
+    def __init__(
+        self, path: Path, shape: tuple[int, int], tile_size: int, coarser: _ReducedLevel | None
+    ) -> None:
+        self.path, self.shape, self.tile_size, self.coarser = path, shape, tile_size, coarser
+        self._strips: list[tuple[int, int]] = []  # (rows, compressed bytes) of each strip in the file
+        self._pending: list[np.ndarray] = []
+        self._rows = 0  # rows received
+
+    def add(self, finer: np.ndarray) -> None:
+        """Pool the next strip of the finer level (an even number of rows, but for the last) into this one."""
+        rows = mode_pool2(finer)
+        self._pending.append(rows)
+        self._rows += len(rows)
+        if sum(len(block) for block in self._pending) >= self.tile_size or self._rows == self.shape[0]:
+            strip = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending = []
+            with open(self.path, "ab") as f:
+                self._strips.append((len(strip), f.write(zlib.compress(strip, 1))))
+            if self.coarser is not None:
+                self.coarser.add(strip)
+
+    def tiles(self, tile_size: int) -> Iterator[np.ndarray]:
+        """The level's tiles in raster order (for :func:`~common.data.wsi.write_pyramid_tiff`)."""
+        assert self._rows == self.shape[0], "the finer level was not written to its end"
+        with open(self.path, "rb") as f:
+            for rows, size in self._strips:
+                strip = np.frombuffer(zlib.decompress(f.read(size)), np.uint8).reshape(rows, self.shape[1])
+                yield from _strip_tiles(strip, tile_size)
+
+
+class _StreamedClassMap:
+    """Level 0 of the class map as :func:`~common.data.wsi.write_pyramid_tiff` reads it: its tiles come from
+    the final rows that ``blocks`` yields as inference goes on, so the map is written while the slide is
+    processed and never held whole (a strip of tiles at a time); each strip is also pooled into
+    :attr:`reduced`, the coarser levels down to one tile, which the writer reads afterwards."""
+
+    def __init__(
+        self, shape: tuple[int, int], blocks: Iterable[np.ndarray], tile_size: int, scratch: Path
+    ) -> None:
+        self.shape, self.blocks, self.tile_size = shape, blocks, tile_size
+        shapes = [shape]
+        while max(shapes[-1]) > tile_size:
+            shapes.append((-(-shapes[-1][0] // 2), -(-shapes[-1][1] // 2)))
+        coarser = None
+        self.reduced: list[_ReducedLevel] = []
+        for index in range(len(shapes) - 1, 0, -1):
+            coarser = _ReducedLevel(scratch / f"classes_{index}.bin", shapes[index], tile_size, coarser)
+            self.reduced.insert(0, coarser)
+
+    def tiles(self, tile_size: int) -> Iterator[np.ndarray]:
+        assert tile_size == self.tile_size
+        blocks, written = iter(self.blocks), 0
+        for strip in _strips(blocks, tile_size, self.shape[1]):
+            written += len(strip)
+            # the writer stops at the last tile: the source must finish (and fill in its results) first
+            if written == self.shape[0] and next(blocks, None) is not None:
+                raise RuntimeError("the merger handed on more class-map rows than the slide level has")
+            if self.reduced:
+                self.reduced[0].add(strip)
+            yield from _strip_tiles(strip, tile_size)
 
 
 def _thumbnail(slide: Slide, max_side: int) -> np.ndarray:
@@ -260,12 +339,19 @@ def _level_tissue(slide: Slide, level: int) -> np.ndarray:
 
 
 def _tile_tissue(
-    mask: np.ndarray, scale: tuple[float, float], rows: Sequence[int], cols: Sequence[int], patch: Sequence[int]
+    mask: np.ndarray,
+    scale: tuple[float, float],
+    rows: Sequence[int],
+    cols: Sequence[int],
+    patch: Sequence[int],
 ) -> np.ndarray:
     """``(len(rows), len(cols))`` share of tissue in each tile, from a tissue ``mask`` ``scale`` times the
     size of the tiles' level; the part of a tile past the slide's edge counts as glass."""
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    integral[1:, 1:] = mask.cumsum(axis=0).cumsum(axis=1)
+    # summed in place (no temporary of the mask's size), in int32 unless the counts could overflow it
+    dtype = np.int32 if mask.size < 2**31 else np.int64
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=dtype)
+    np.cumsum(mask, axis=0, dtype=dtype, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
     (y_scale, x_scale), (height, width) = scale, patch
     y0 = np.round(np.asarray(rows) * y_scale).astype(np.int64)
     y1 = np.maximum(np.round((np.asarray(rows) + height) * y_scale).astype(np.int64), y0 + 1)
@@ -278,13 +364,16 @@ def _tile_tissue(
 
 
 def _overlay(
-    thumbnail: np.ndarray, levels: list[zarr.Array], palette: np.ndarray, background_index: int, alpha: float
+    thumbnail: np.ndarray, class_map: Path, palette: np.ndarray, background_index: int, alpha: float
 ) -> np.ndarray:
-    """Thumbnail with each non-background class blended in its colour; the class map comes from the
-    coarsest pyramid level at least as large as the thumbnail (else level 0), resized by nearest neighbour."""
+    """Thumbnail with each non-background class blended in its colour; the classes come from the coarsest
+    level of the ``class_map`` TIFF at least as large as the thumbnail (else level 0), resized by nearest
+    neighbour."""
     height, width = thumbnail.shape[:2]
-    large_enough = (lvl for lvl in reversed(levels) if lvl.shape[0] >= height and lvl.shape[1] >= width)
-    source = np.asarray(next(large_enough, levels[0])[:, :])
+    with tifffile.TiffFile(class_map) as tif:
+        levels = tif.series[0].levels
+        large_enough = (lvl for lvl in reversed(levels) if lvl.shape[0] >= height and lvl.shape[1] >= width)
+        source = next(large_enough, levels[0]).asarray()
     classes = np.asarray(Image.fromarray(source).resize((width, height), Image.Resampling.NEAREST))
     overlay = thumbnail.copy()
     for rows, _ in _blocks((height, 1), _OVERLAY_ROWS):  # float64 blending a few rows at a time, not 300 MB
@@ -336,9 +425,9 @@ class WholeSlideSegmenter:
             (logits; softmaxed here before blending; a coarser ``h', w'`` is upsampled bilinearly, after
             blending with ``blend="output_stride"``). It must already be on ``device``; an ``nn.Module`` is
             put in eval mode.
-        output_dir: folder for the outputs (created if missing). The zarr scratch arrays (the class map
-            and its pyramid levels before they go into the TIFF, and the probabilities when kept) live in a
-            hidden temporary folder inside it (a RAM-backed ``/tmp`` would defeat the purpose); it is
+        output_dir: folder for the outputs (created if missing). The scratch files (the class map's
+            coarser levels before they go into the TIFF, and the probabilities' zarr array when kept) live
+            in a hidden temporary folder inside it (a RAM-backed ``/tmp`` would defeat the purpose); it is
             removed at the end.
         num_classes: output channels, background included.
         patch_size: tile side (or ``(height, width)``) in pixels of the processed level.
@@ -357,7 +446,8 @@ class WholeSlideSegmenter:
             tissue classes ``0..C-1``, background ``C``).
         amp: autocast the forward pass (float16 on CUDA, bfloat16 on CPU).
         preprocess: applied to each ``(B, 3, h, w)`` float batch with values 0..255 on ``device``, e.g.
-            ImageNet normalisation; default: none.
+            ImageNet normalisation; default: none. On the CPU it is applied tile by tile (``B = 1``), so
+            that no batch-sized tensor is made per batch; it must not mix tiles.
         backend: slide reader, see :func:`common.data.wsi.open_slide`.
         keep_probabilities: keep the averaged probabilities as ``<stem>_probabilities.zarr`` (when at
             least one tile was processed).
@@ -464,9 +554,7 @@ class WholeSlideSegmenter:
         self.network = network
         self.output_dir = Path(output_dir)
 
-    def _tissue_share(
-        self, slide: Slide, level: int, rows: list[int], cols: list[int]
-    ) -> np.ndarray | None:
+    def _tissue_share(self, slide: Slide, level: int, rows: list[int], cols: list[int]) -> np.ndarray | None:
         """Share of tissue in every tile, from the coarsest level on which a tile is still at least
         ``_TISSUE_PIXELS`` long; ``None`` when the slide has no such level below ``level`` (the tiles are
         then checked as they are read)."""
@@ -500,28 +588,47 @@ class WholeSlideSegmenter:
 
         return read
 
-    def _batch(self, patches: list[np.ndarray]) -> torch.Tensor:
-        """``(B, 3, h, w)`` float batch on the device, preprocessed, from ``(3, h, w)`` tiles (or
-        ``(h, w, 3)`` ones with ``channels_last``); through pinned memory on CUDA."""
-        stacked = torch.from_numpy(np.stack(patches))
+    def _batch(self, patches: list[np.ndarray], buffer: np.ndarray | None) -> torch.Tensor:
+        """``(B, 3, h, w)`` float batch on the device, preprocessed, from uint8 ``(3, h, w)`` tiles (or
+        ``(h, w, 3)`` ones with ``channels_last``): uint8 up to the device (through pinned memory on CUDA),
+        converted and preprocessed there.
+
+        On the CPU the tiles are converted by NumPy (on one thread, see :func:`_softmax`) and preprocessed
+        one by one into ``buffer``, reused from batch to batch (the previous batch's outputs are NumPy
+        copies by then): no batch-sized array is made per batch. Those (25 MB for 8 tiles of 512 px) cost
+        more in page faults than the conversion itself, and freed among the merger's smaller arrays they
+        fragmented the heap, so that the peak memory grew with the slide's size."""
+        if buffer is not None:
+            batch = torch.from_numpy(buffer[: len(patches)])
+            batch = batch.permute(0, 3, 1, 2) if self.channels_last else batch
+            for index, patch in enumerate(patches):
+                np.copyto(buffer[index], patch)
+                if self.preprocess is not None:
+                    tile = batch[index : index + 1]
+                    tile.copy_(self.preprocess(tile))
+            return batch
+        pixels = torch.from_numpy(np.stack(patches))
         if self.device.type == "cuda":
-            stacked = stacked.pin_memory()
-        batch = stacked.to(self.device, non_blocking=True)
-        batch = (batch.permute(0, 3, 1, 2) if self.channels_last else batch).float()
+            pixels = pixels.pin_memory()
+        batch = pixels.to(self.device, non_blocking=True).float()
+        batch = batch.permute(0, 3, 1, 2) if self.channels_last else batch
         return batch if self.preprocess is None else self.preprocess(batch)
 
     def _infer(
-        self, slide: Slide, level: int, make_merger: Callable[[list[int], list[int], int], BandMerger]
-    ) -> tuple[BandMerger, dict[str, int], float]:
-        """Run the kept tiles through the network into the merger ``make_merger(rows, columns, stride)``
-        makes once the network's output stride is known; the merger, tiles processed/skipped and the
+        self, slide: Slide, level: int, make_merger: Callable[..., BandMerger]
+    ) -> Generator[np.ndarray, None, tuple[BandMerger, dict[str, int], float]]:
+        """Run the kept tiles through the network into the merger ``make_merger(rows, columns, stride,
+        write_rows)`` makes once the network's output stride is known, yielding the class-map row blocks
+        it finalises, top to bottom, after each batch; returns the merger, tiles processed/skipped and the
         network's seconds."""
         rows, cols = self._grid(slide.info.level_dimensions[level])
         share = self._tissue_share(slide, level, rows, cols) if self.min_tissue_fraction > 0 else None
         check_tiles = share is None and self.min_tissue_fraction > 0
         keep = np.ones((len(rows), len(cols)), bool) if share is None else share >= self.min_tissue_fraction
         indices = [tuple(int(v) for v in index) for index in np.argwhere(keep)]
-        read_patch = self._patch_reader(slide, level, [(rows[i], cols[j], *self.patch_size) for i, j in indices])
+        read_patch = self._patch_reader(
+            slide, level, [(rows[i], cols[j], *self.patch_size) for i, j in indices]
+        )
 
         def read(location: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None] | None:
             """The tile and its tissue flags (with ``mask_glass``); ``None`` for glass not screened yet."""
@@ -539,28 +646,44 @@ class WholeSlideSegmenter:
         if isinstance(self.network, torch.nn.Module):
             self.network.eval()
         locations = [(rows[i], cols[j]) for i, j in indices]
-        reader = PrefetchingTileReader(read, locations, slide.info.path, level, self.workers, 2 * self.batch_size)
-        processed, pending, mergers = 0, [], []
+        reader = PrefetchingTileReader(
+            read, locations, slide.info.path, level, self.workers, 2 * self.batch_size
+        )
+        processed, pending, mergers, finished = 0, [], [], []
+        buffer = None
+        if self.device.type == "cpu":
+            tile = (*self.patch_size, 3) if self.channels_last else (3, *self.patch_size)
+            buffer = np.empty((self.batch_size, *tile), np.float32)
+
+        def write_rows(top: int, labels: np.ndarray) -> None:
+            finished.append(labels)
 
         def forward() -> None:
             with torch.inference_mode():
-                probabilities = network(self._batch([patch for _, patch, _ in pending]))
+                probabilities = network(self._batch([patch for _, patch, _ in pending], buffer))
             if not mergers:
-                mergers.append(make_merger(rows, cols, network.stride))
+                mergers.append(make_merger(rows, cols, network.stride, write_rows))
             for (index, _, flags), tile in zip(pending, probabilities):
                 mergers[0].add(*index, tile, flags)
             pending.clear()
 
-        for index, (_, result) in zip(indices, reader):
-            if result is not None:
-                pending.append((index, *result))
-                processed += 1
-            if len(pending) == self.batch_size:
-                forward()
+        tiles = iter(reader)
+        try:
+            for index, (_, result) in zip(indices, tiles):
+                if result is not None:
+                    pending.append((index, *result))
+                    processed += 1
+                if len(pending) == self.batch_size:
+                    forward()
+                    yield from finished
+                    finished.clear()
+        finally:
+            tiles.close()  # stops the reader's threads when the consumer gives up early
         if pending:
             forward()
-        merger = mergers[0] if mergers else make_merger(rows, cols, 1)
+        merger = mergers[0] if mergers else make_merger(rows, cols, 1, write_rows)
         merger.finish()
+        yield from finished
         return merger, {"processed": processed, "skipped": len(rows) * len(cols) - processed}, network.seconds
 
     def _grid(self, shape: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -637,7 +760,6 @@ class WholeSlideSegmenter:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".scratch", dir=self.output_dir))
             try:
-                classes = _label_array(scratch / "classes_0.zarr", shape, self.tile_size, self.background_index)
                 probabilities = None
                 if self.keep_probabilities:
                     probabilities = zarr.open_array(
@@ -649,7 +771,10 @@ class WholeSlideSegmenter:
                         fill_value=np.nan,
                         **_zarr_codecs(),
                     )
-                def make_merger(rows: list[int], cols: list[int], stride: int) -> BandMerger:
+
+                def make_merger(
+                    rows: list[int], cols: list[int], stride: int, write_rows: Callable
+                ) -> BandMerger:
                     return BandMerger(
                         shape,
                         self.patch_size,
@@ -657,21 +782,32 @@ class WholeSlideSegmenter:
                         cols,
                         self.num_classes,
                         self.background_index,
-                        _RowWriter(classes),
+                        write_rows,
                         probabilities,
                         stride,
                     )
 
-                merger, tiles, network_seconds = self._infer(slide, level, make_merger)
-                levels = _pyramid(classes, scratch, self.tile_size, self.background_index)
-                summary = self._areas(slide, slide_path, level, merger, tiles)
+                run: dict[str, Any] = {}
+
+                def class_rows() -> Iterator[np.ndarray]:
+                    run["merger"], run["tiles"], run["network_seconds"] = yield from self._infer(
+                        slide, level, make_merger
+                    )
+
+                # the class map is written while the slide is processed: the TIFF writer pulls its tiles
+                class_map = _StreamedClassMap(shape, class_rows(), self.tile_size, scratch)
                 outputs = self.outputs(slide_path)
+                levels = [class_map, *class_map.reduced]
                 write_pyramid_tiff(outputs["classes"], levels, slide.info.level_mpp(level), self.tile_size)
+                tiles, network_seconds = run["tiles"], run["network_seconds"]
+                summary = self._areas(slide, slide_path, level, run["merger"], tiles)
                 thumbnail = _thumbnail(slide, self.thumbnail_size)
                 overlay = Image.fromarray(
-                    _overlay(thumbnail, levels, self.palette, self.background_index, self.overlay_alpha)
+                    _overlay(
+                        thumbnail, outputs["classes"], self.palette, self.background_index, self.overlay_alpha
+                    )
                 )
-                atomic_write(outputs["overlay"], lambda f: overlay.save(f, format="PNG", compress_level=3))
+                atomic_write(outputs["overlay"], lambda f: overlay.save(f, format="PNG", compress_level=1))
                 if probabilities is not None and tiles["processed"]:
                     outputs["probabilities"] = self.output_dir / f"{stem}_probabilities.zarr"
                     with atomic_directory(outputs["probabilities"]) as staging:
@@ -686,8 +822,15 @@ class WholeSlideSegmenter:
         logger.info(
             "%s: level %d (%d x %d), %d tiles processed, %d skipped, tissue %.1f%%, %.1f s (network %.1f s)"
             " -> %s",
-            slide_path, level, *shape, tiles["processed"], tiles["skipped"], 100 * summary["tissue_fraction"],
-            summary["seconds"]["total"], network_seconds, outputs["areas"],
+            slide_path,
+            level,
+            *shape,
+            tiles["processed"],
+            tiles["skipped"],
+            100 * summary["tissue_fraction"],
+            summary["seconds"]["total"],
+            network_seconds,
+            outputs["areas"],
         )
         return summary
 

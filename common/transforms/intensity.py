@@ -63,7 +63,7 @@ class NormalizeImageNet(Transform):
             image = convert_to_tensor(img, dtype=torch.float32, track_meta=get_track_meta())
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).mul(self.input_max).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, dtype=torch.float64).mul(self.input_max).view(3, 1, 1)
-        return (image - mean.to(image)) / std.to(image)
+        return (image - mean.to(image)).div_(std.to(image))  # in place: one full-size temporary fewer
 
 
 class NormalizeImageNetd(MapTransform):

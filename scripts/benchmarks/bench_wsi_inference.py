@@ -15,6 +15,13 @@ blending, class map, pyramid TIFF, overlay), blended at the output stride unless
 of level 0 once with tifffile on one thread. The measured process runs with ``MALLOC_ARENA_MAX=2``
 (``--malloc-arena-max``): glibc's default of 8 arenas per core lets the decoding threads' arenas
 fragment, which measured as ~200 MiB more peak RSS on a 20k² slide than on a 10k² one, and none with 2.
+It also runs torch on one intra-op thread (``--torch-threads``): with the constant network torch only
+preprocesses, and on a loaded machine each of its parallel regions waited for a descheduled thread (a
+softmax of 8 tiles at stride 8 took 16 ms instead of 0.4 ms), which is why "network" seconds were 1.9 s
+for 371 tiles of a network that does nothing.
+
+Generating the slides takes longer than segmenting them (a 40k² slide: over 10 minutes on a loaded core):
+``--workdir DIR --keep-slides`` keeps them in ``DIR`` and reuses them on the next run.
 """
 
 from __future__ import annotations
@@ -99,13 +106,14 @@ def build_network(backbone: str) -> tuple[torch.nn.Module, str]:
     return network, f"DeepLabV2 on {backbone}, output stride 8"
 
 
-def decode_seconds(slide: Path) -> tuple[float, int]:
-    """Seconds to decode every tile of level 0 once on one thread (the floor), and the tile count."""
+def decode_seconds(slide: Path) -> tuple[float, float, int]:
+    """Seconds and CPU seconds to decode every tile of level 0 once on one thread (the floor), and the
+    tile count."""
     with tifffile.TiffFile(slide) as tif:
         page = tif.series[0].levels[0].keyframe
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         count = sum(1 for _ in page.segments(maxworkers=1))
-        return time.perf_counter() - start, count
+        return time.perf_counter() - start, time.process_time() - cpu, count
 
 
 class PeakRSS:
@@ -139,9 +147,12 @@ class PeakRSS:
 def segment(args: argparse.Namespace) -> dict[str, Any]:
     """One slide in this process: the segmenter's summary and the peak resident memory."""
     device = torch.device(args.device)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     network, _ = build_network(args.backbone)
     network = network.to(device).eval()
     baseline = PeakRSS.current_mib()
+    cpu = time.process_time()
     with PeakRSS() as rss:
         summary = segment_slide(
             args.child,
@@ -158,7 +169,8 @@ def segment(args: argparse.Namespace) -> dict[str, Any]:
             preprocess=NormalizeImageNet(input_max=255),
             blend=args.blend,
         )
-    return {"summary": summary, "rss_before_mib": baseline, "peak_rss_mib": rss.peak_mib}
+    cpu = time.process_time() - cpu  # all threads: what the pipeline costs whatever the load
+    return {"summary": summary, "rss_before_mib": baseline, "peak_rss_mib": rss.peak_mib, "cpu_seconds": cpu}
 
 
 def main() -> None:
@@ -181,10 +193,26 @@ def main() -> None:
         help="glibc MALLOC_ARENA_MAX of the measured process (0: glibc's default, 8 per core); with the "
         "default, arenas of the decoding threads fragment and the peak RSS grows with the slide",
     )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch's intra-op threads in the measured process (0: torch's default, one per core). With the "
+        "constant network only the preprocessing runs in torch, and the decoding threads already take the "
+        "cores: on a loaded machine each of torch's parallel regions then waits for a descheduled thread",
+    )
     parser.add_argument("--workdir", type=Path, help="for slides and outputs (default: a temporary folder)")
+    parser.add_argument(
+        "--keep-slides",
+        action="store_true",
+        help="keep the generated slides in --workdir and reuse those already there (a 40k² slide takes minutes "
+        "to write)",
+    )
     parser.add_argument("--output", type=Path, default=Path("reports/benchmarks/wsi_inference.json"))
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # segment this slide, print JSON
     args = parser.parse_args()
+    if args.keep_slides and args.workdir is None:
+        parser.error("--keep-slides needs --workdir")
     if args.child is not None:
         print(json.dumps(segment(args)))
         return
@@ -199,9 +227,12 @@ def main() -> None:
     try:
         for size in args.sizes:
             start = time.perf_counter()
-            slide = write_synthetic_slide(workdir / f"synthetic_{size}.tif", size)
+            slide = workdir / f"synthetic_{size}.tif"
+            if not (args.keep_slides and slide.is_file()):
+                write_synthetic_slide(slide, size)
             write_seconds = time.perf_counter() - start
-            floor, tiff_tiles = decode_seconds(slide)
+            load = os.getloadavg()[0]
+            floor, floor_cpu, tiff_tiles = decode_seconds(slide)
             run = subprocess.run(
                 [*child, "--child", str(slide)], check=True, capture_output=True, text=True, env=environment
             )
@@ -209,34 +240,42 @@ def main() -> None:
             summary = measured["summary"]
             seconds, network_seconds = summary["seconds"]["total"], summary["seconds"]["network"]
             tiles = summary["tiles"]
-            results.append({
-                "size": [size, size],
-                "slide_file_mib": round(slide.stat().st_size / 2**20, 1),
-                "slide_write_seconds": round(write_seconds, 1),
-                "tiles_processed": tiles["processed"],
-                "tiles_skipped": tiles["skipped"],
-                "seconds": round(seconds, 2),
-                "network_seconds": round(network_seconds, 2),
-                "share_outside_network": round(1.0 - network_seconds / seconds, 3),
-                "tiles_per_s": round(tiles["processed"] / seconds, 2),
-                "megapixels_per_s": round(size * size / 1e6 / seconds, 2),
-                "decode_seconds": round(floor, 2),
-                "decode_tiles_per_s": round(tiff_tiles / floor, 1),
-                "seconds_over_decode": round(seconds / floor, 2),
-                "rss_before_mib": round(measured["rss_before_mib"], 1),
-                "peak_rss_mib": round(measured["peak_rss_mib"], 1),
-            })
+            results.append(
+                {
+                    "size": [size, size],
+                    "slide_file_mib": round(slide.stat().st_size / 2**20, 1),
+                    "slide_write_seconds": round(write_seconds, 1),
+                    "tiles_processed": tiles["processed"],
+                    "tiles_skipped": tiles["skipped"],
+                    "seconds": round(seconds, 2),
+                    "network_seconds": round(network_seconds, 2),
+                    "share_outside_network": round(1.0 - network_seconds / seconds, 3),
+                    "tiles_per_s": round(tiles["processed"] / seconds, 2),
+                    "megapixels_per_s": round(size * size / 1e6 / seconds, 2),
+                    "decode_seconds": round(floor, 2),
+                    "decode_tiles_per_s": round(tiff_tiles / floor, 1),
+                    "seconds_over_decode": round(seconds / floor, 2),
+                    "cpu_seconds": round(measured["cpu_seconds"], 2),
+                    "decode_cpu_seconds": round(floor_cpu, 2),
+                    "cpu_over_decode_cpu": round(measured["cpu_seconds"] / floor_cpu, 2),
+                    "rss_before_mib": round(measured["rss_before_mib"], 1),
+                    "peak_rss_mib": round(measured["peak_rss_mib"], 1),
+                    "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)],  # before, after
+                }
+            )
             r = results[-1]
             print(
                 f"{size}x{size}: {r['tiles_processed']} tiles (+{r['tiles_skipped']} glass skipped) in "
                 f"{r['seconds']} s = {r['tiles_per_s']} tiles/s, {r['megapixels_per_s']} MP/s; network "
                 f"{r['network_seconds']} s, {100 * r['share_outside_network']:.0f}% of the time outside it; "
                 f"bare decode of all {tiff_tiles} JPEG tiles {r['decode_seconds']} s "
-                f"({r['decode_tiles_per_s']} tiles/s), pipeline/decode {r['seconds_over_decode']}x; "
-                f"peak RSS {r['peak_rss_mib']} MiB",
+                f"({r['decode_tiles_per_s']} tiles/s), pipeline/decode {r['seconds_over_decode']}x "
+                f"(CPU seconds {r['cpu_seconds']} / {r['decode_cpu_seconds']} = {r['cpu_over_decode_cpu']}x); "
+                f"peak RSS {r['peak_rss_mib']} MiB; load {r['load_average_1min'][0]} -> {r['load_average_1min'][1]}",
                 flush=True,
             )
-            slide.unlink()
+            if not args.keep_slides:
+                slide.unlink()
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -251,14 +290,17 @@ def main() -> None:
         "amp": args.amp,
         "blend": args.blend,
         "malloc_arena_max": args.malloc_arena_max or None,
+        "torch_threads": args.torch_threads or torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "cpu_count": os.cpu_count(),
         "slides": results,
         "peak_rss_growth_mib": round(results[-1]["peak_rss_mib"] - results[0]["peak_rss_mib"], 1),
     }
     save_report(report, args.output)
-    print(f"network: {network_description}; peak RSS growth from the smallest to the largest slide "
-          f"{report['peak_rss_growth_mib']} MiB; saved {args.output}")
+    print(
+        f"network: {network_description}; peak RSS growth from the smallest to the largest slide "
+        f"{report['peak_rss_growth_mib']} MiB; saved {args.output}"
+    )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,15 @@ def test_open_slide_reports_levels_downsamples_and_mpp(slide_path):
 def test_mpp_from_inch_resolution_and_unknown_without_one(tmp_path):
     pixels = slide_pixels(64, 96)
     inch = tmp_path / "inch.tif"
-    tifffile.imwrite(inch, pixels, tile=(32, 32), photometric="rgb", resolution=(25400 / 0.25, 25400 / 0.5),
-                     resolutionunit="INCH", metadata=None)  # 0.5 um per pixel in y, 0.25 in x
+    tifffile.imwrite(
+        inch,
+        pixels,
+        tile=(32, 32),
+        photometric="rgb",
+        resolution=(25400 / 0.25, 25400 / 0.5),
+        resolutionunit="INCH",
+        metadata=None,
+    )  # 0.5 um per pixel in y, 0.25 in x
     with open_slide(inch) as slide:
         assert slide.info.mpp == pytest.approx((0.5, 0.25))
     bare = write_slide(tmp_path / "bare.tif", pixels, levels=1, mpp=None, tile_size=32)
@@ -73,8 +80,9 @@ def test_aperio_description_gives_the_mpp(tmp_path):
     description = (
         "Aperio Image Library v12.0.15\r\n96x64 [0,0 96x64] (32x32) JPEG/RGB Q=70|AppMag = 40|MPP = 0.2520"
     )
-    tifffile.imwrite(path, slide_pixels(64, 96), tile=(32, 32), photometric="rgb", description=description,
-                     metadata=None)
+    tifffile.imwrite(
+        path, slide_pixels(64, 96), tile=(32, 32), photometric="rgb", description=description, metadata=None
+    )
     with open_slide(path) as slide:
         assert slide.info.mpp == pytest.approx((0.252, 0.252))
 
@@ -207,7 +215,9 @@ def write_svs(path: Path, pixels: np.ndarray, levels: int = 2, mpp: float = 0.5,
         tif.write(pixels, tile=(128, 128), description=description, **jpeg)
         tif.write(pixels[::8, ::8], description="Aperio Image Library v12.0.15\r\nthumbnail", **jpeg)
         for k in range(1, levels):
-            tif.write(pixels[:: 2**k, :: 2**k], tile=(128, 128), description="Aperio", **jpeg)  # not "reduced"
+            tif.write(
+                pixels[:: 2**k, :: 2**k], tile=(128, 128), description="Aperio", **jpeg
+            )  # not "reduced"
     return path
 
 
@@ -239,6 +249,19 @@ def test_write_pyramid_tiff_is_tiled_with_reduced_levels_and_resolution(tmp_path
         np.testing.assert_array_equal(first.asarray(), labels)
         np.testing.assert_array_equal(second.asarray(), labels[::2, ::2])
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_uniform_label_tiles_are_encoded_once_and_read_back_like_the_others(tmp_path):
+    labels = np.full((100, 70), 4, np.uint8)  # 4 x 3 tiles of 32 px, the last row and column partial
+    labels[32:64, 32:64] = np.arange(32 * 32).reshape(32, 32) % 5  # one mixed tile
+    labels[64:, :32] = 2  # a partial uniform tile of another class
+    path = write_pyramid_tiff(tmp_path / "labels.tif", [labels], tile_size=32)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        np.testing.assert_array_equal(page.asarray(), labels)
+        sizes = page.databytecounts
+        assert sizes[0] == sizes[1] == sizes[3] and sizes[4] > sizes[0]  # background tiles: the same bytes
 
 
 @pytest.mark.skipif(not optional_import("openslide")[1], reason="needs openslide-python and openslide-bin")

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import itertools
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,17 @@ from scipy import ndimage
 
 from common.data.histopathology import mask_palette
 from common.data.tile_reader import TiledTiffLevel
+from common.data.wsi import write_pyramid_tiff
 from common.errors import InputDataError
-from common.inferers.wsi import TissueFilter, WholeSlideSegmenter, mode_pool2, segment_slide
+from common.inferers.wsi import (
+    TissueFilter,
+    WholeSlideSegmenter,
+    _softmax,
+    _StreamedClassMap,
+    _strips,
+    mode_pool2,
+    segment_slide,
+)
 from tests.common.data.test_tile_reader import corrupt_tile
 from tests.common.data.test_wsi import slide_pixels, write_slide, write_svs
 
@@ -255,6 +266,100 @@ def test_class_map_is_a_tiled_pyramid_keeping_the_resolution(known_run):
     assert written == ["known_areas.json", "known_classes.tif", "known_overlay.png"]
 
 
+def test_class_map_rows_are_streamed_into_the_same_pyramid_as_pooling_the_whole_map(tmp_path):
+    """Rows come in blocks of any height (as the merger finalises them); the TIFF gets level 0 and the
+    mode-pooled levels that pooling the whole map gives, odd sizes included."""
+    rng = np.random.default_rng(0)
+    classes = np.repeat(np.repeat(rng.integers(0, 5, (63, 44), dtype=np.uint8), 16, 0), 16, 1)[:1001, :699]
+    tops = [0, 5, 130, 131, 400, 777, 1001]
+    blocks = (classes[top:bottom] for top, bottom in itertools.pairwise(tops))
+    class_map = _StreamedClassMap(classes.shape, blocks, 128, tmp_path)
+    path = write_pyramid_tiff(tmp_path / "classes.tif", [class_map, *class_map.reduced], tile_size=128)
+    expected = [classes]
+    while max(expected[-1].shape) > 128:
+        expected.append(mode_pool2(expected[-1]))
+    levels = read_levels(path)
+    assert [level.shape for level in levels] == [level.shape for level in expected]
+    for level, reference in zip(levels, expected):
+        np.testing.assert_array_equal(level, reference)
+
+
+def test_strips_regroup_row_blocks_in_one_reused_buffer():
+    blocks = [np.full((rows, 3), index, np.uint8) for index, rows in enumerate([2, 7, 1, 5])]
+    strips = list(_strips(iter(blocks), 4, 3))
+    assert [len(strip) for strip in strips] == [4, 4, 4, 3]
+    assert all(np.shares_memory(strip, strips[0]) for strip in strips)  # one strip held, whatever the height
+    copies = [strip.copy() for strip in _strips(iter(blocks), 4, 3)]
+    np.testing.assert_array_equal(np.concatenate(copies), np.concatenate(blocks))
+
+
+def test_memory_held_does_not_grow_with_the_slide_height(tmp_path):
+    """The most memory NumPy and Python hold at once (tracemalloc's peak) is about the same for a slide
+    eight times taller and as wide: only the tile lists and the low-resolution tissue map grow, while a
+    class map held whole would add 2.75 MB. Tiles are read in the calling thread, so the peak does not
+    depend on how far the reader ran ahead; a first run warms up what is made once."""
+    slides = {}
+    for repeats in (1, 8):
+        pixels = np.tile(glass_red_blue(768, 512, 128), (repeats, 1, 1))
+        slides[repeats] = write_slide(tmp_path / f"slide_{repeats}.tif", pixels, levels=4)
+    settings = {"patch_size": 128, "tile_size": 128, "thumbnail_size": 64, "workers": 0}
+    peaks = []
+    for repeats in (1, 1, 8):
+        tracemalloc.start()
+        segment_slide(slides[repeats], colour_network(), tmp_path / "out", 5, **settings)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[2] - peaks[1] < 300_000, peaks
+
+
+def test_on_the_cpu_preprocessing_runs_tile_by_tile(tmp_path):
+    seen = []
+
+    def preprocess(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(batch.shape))
+        return centre(batch)
+
+    slide = write_slide(tmp_path / "slide.tif", glass_red_blue(), levels=1)
+    summary = segment_slide(
+        slide,
+        colour_network(),
+        tmp_path / "out",
+        5,
+        patch_size=256,
+        overlap=0,
+        batch_size=4,
+        preprocess=preprocess,
+    )
+    assert seen == [(1, 3, 256, 256)] * summary["tiles"]["processed"]
+    np.testing.assert_array_equal(read_levels(summary["outputs"]["classes"])[0], expected_classes())
+
+
+def test_channels_last_batches_give_the_same_class_map_on_the_cpu(tmp_path):
+    slide = write_slide(tmp_path / "slide.tif", slide_pixels(256, 256))
+    maps = []
+    for channels_last in (False, True):
+        summary = segment_slide(
+            slide,
+            conv_network(),
+            tmp_path / f"out_{channels_last}",
+            5,
+            patch_size=128,
+            overlap=0.25,
+            min_tissue_fraction=0.0,
+            preprocess=centre,
+            channels_last=channels_last,
+        )
+        maps.append(read_levels(summary["outputs"]["classes"])[0])
+    np.testing.assert_array_equal(maps[0], maps[1])
+    assert len(np.unique(maps[0])) > 1
+
+
+def test_softmax_matches_torch():
+    scores = np.random.default_rng(0).normal(0, 5, (2, 5, 3, 4)).astype(np.float32)
+    expected = torch.softmax(torch.from_numpy(scores), dim=1).numpy()
+    np.testing.assert_allclose(_softmax(scores), expected, rtol=1e-6, atol=1e-7)
+
+
 def test_mode_pool2_takes_the_majority_and_breaks_ties_by_the_top_left_pixel():
     labels = np.array(
         [
@@ -372,7 +477,10 @@ def test_glass_tiles_are_found_on_a_low_level_and_never_decoded(tmp_path, monkey
     summary = segment_slide(
         slide, colour_network(), tmp_path / "out", 5, patch_size=256, overlap=0.25, mask_glass=True
     )
-    assert summary["tiles"] == {"processed": 5 * 3, "skipped": 5}  # starts 0, 192, ... 768 by 0, 192, 384, 576
+    assert summary["tiles"] == {
+        "processed": 5 * 3,
+        "skipped": 5,
+    }  # starts 0, 192, ... 768 by 0, 192, 384, 576
     assert len(levels) == 1
     assert levels[0].decoded == 8 * 5  # columns 256..767 of 128 px tiles, plus column 128..255 (overlap)
     np.testing.assert_array_equal(read_levels(summary["outputs"]["classes"])[0], expected_classes())
@@ -390,7 +498,14 @@ def test_a_corrupt_tile_names_the_slide_and_location_and_writes_nothing(tmp_path
 def test_backend_auto_segments_an_svs_through_openslide(tmp_path):
     slide = write_svs(tmp_path / "slide.svs", glass_red_blue(), levels=3)
     summary = segment_slide(
-        slide, colour_network(), tmp_path / "out", 5, patch_size=256, overlap=0.25, backend="auto", mask_glass=True
+        slide,
+        colour_network(),
+        tmp_path / "out",
+        5,
+        patch_size=256,
+        overlap=0.25,
+        backend="auto",
+        mask_glass=True,
     )
     assert summary["tiles"] == {"processed": 5 * 3, "skipped": 5} and summary["mpp"] == [0.5, 0.5]
     np.testing.assert_array_equal(read_levels(summary["outputs"]["classes"])[0], expected_classes())
