@@ -26,9 +26,25 @@ SMALL_NETWORKS = ["--detector_backbone", "resnet18", "--classifier_backbone", "e
 
 
 TINY_TRAINING = [
-    "--pretrained", "False", "--num_workers", "0", "--progress", "False", *SMALL_NETWORKS,
-    "--detect#input_size", "128", "--detect#epochs", "1", "--detect#batch_size", "2",
-    "--classify#input_size", "64", "--classify#epochs", "1", "--classify#batch_size", "16",
+    "--pretrained",
+    "False",
+    "--num_workers",
+    "0",
+    "--progress",
+    "False",
+    *SMALL_NETWORKS,
+    "--detect#input_size",
+    "128",
+    "--detect#epochs",
+    "1",
+    "--detect#batch_size",
+    "2",
+    "--classify#input_size",
+    "64",
+    "--classify#epochs",
+    "1",
+    "--classify#batch_size",
+    "16",
 ]
 
 
@@ -44,7 +60,9 @@ def parsed(*names: str, **overrides) -> ConfigParser:
 
 @pytest.fixture(scope="module")
 def tiny_smears(tmp_path_factory) -> Path:
-    return generate_smear_dataset(tmp_path_factory.mktemp("smears") / "data", n_train=2, n_val=1, n_test=0, size=256)
+    return generate_smear_dataset(
+        tmp_path_factory.mktemp("smears") / "data", n_train=2, n_val=1, n_test=0, size=256
+    )
 
 
 def imbalance_corrections(parser: ConfigParser) -> list[str]:
@@ -61,10 +79,25 @@ def imbalance_corrections(parser: ConfigParser) -> list[str]:
 def test_default_training_corrects_imbalance_once_in_the_loss(tiny_smears):
     """Sampler and class weights together suppress the majority class (NILM) twice: the default is
     the logit-adjusted loss over a uniformly shuffled loader, and the ablation's rows stay reachable."""
-    overrides = {"dataset_dir": str(tiny_smears), "pretrained": False, "classifier_backbone": "resnet18", "num_workers": 0}
-    parser = parsed("train.json", "quick.json", **overrides)
-    assert imbalance_corrections(parser) == ["loss"]
-    assert isinstance(parser.get_parsed_content("classify#loss"), LogitAdjustedCrossEntropy)
+    overrides = {
+        "dataset_dir": str(tiny_smears),
+        "pretrained": False,
+        "classifier_backbone": "resnet18",
+        "num_workers": 0,
+    }
+    for names in (("train.json",), ("train.json", "quick.json")):
+        parser = parsed(*names, **overrides)
+        assert imbalance_corrections(parser) == ["loss"], names
+        assert isinstance(parser.get_parsed_content("classify#loss"), LogitAdjustedCrossEntropy), names
+    for demo in ("demo.json", "demo_full.json"):  # the demos measure the default, as the model card says
+        (training,) = [
+            step["command"]
+            for step in json.loads((CONFIGS / demo).read_text())["steps"]
+            if "training" in step["command"]
+        ]
+        assert not [
+            arg for arg in training if arg.startswith(("--classify#loss", "--classify#balanced_sampler"))
+        ], demo
     rows = {
         ("plain", False): [],
         ("plain", True): ["sampler"],
@@ -72,7 +105,11 @@ def test_default_training_corrects_imbalance_once_in_the_loss(tiny_smears):
         ("weighted", True): ["sampler", "loss"],
     }
     for (loss_name, balanced), expected in rows.items():
-        parser = parsed("train.json", **overrides, **{"classify#loss_name": loss_name, "classify#balanced_sampler": balanced})
+        parser = parsed(
+            "train.json",
+            **overrides,
+            **{"classify#loss_name": loss_name, "classify#balanced_sampler": balanced},
+        )
         assert imbalance_corrections(parser) == expected, (loss_name, balanced)
 
 
@@ -82,35 +119,63 @@ def test_classifier_starts_from_a_local_weights_file(tmp_path):
     source = timm.create_model("resnet18")
     torch.save(source.state_dict(), tmp_path / "resnet18_imagenet.pth")
     parser = parsed(
-        "train.json", classifier_backbone="resnet18", pretrained=True,
-        classifier_weights=str(tmp_path / "resnet18_imagenet.pth"), device=torch.device("cpu"),
+        "train.json",
+        classifier_backbone="resnet18",
+        pretrained=True,
+        classifier_weights=str(tmp_path / "resnet18_imagenet.pth"),
+        device=torch.device("cpu"),
     )
     classifier = parser.get_parsed_content("classifier_def")
     torch.testing.assert_close(classifier.conv1.weight, source.conv1.weight, rtol=0, atol=0)
     assert classifier.fc.out_features == len(BETHESDA_CLASSES)
-    parser = parsed("train.json", classifier_backbone="resnet18", pretrained=True, classifier_weights=str(tmp_path / "none.pth"))
+    parser = parsed(
+        "train.json",
+        classifier_backbone="resnet18",
+        pretrained=True,
+        classifier_weights=str(tmp_path / "none.pth"),
+    )
     with pytest.raises(RuntimeError, match="create_timm_model") as raised:  # never a silent random start
         parser.get_parsed_content("classifier_def")
     cause = raised.value.__cause__
     assert isinstance(cause, InputDataError) and cause.path.endswith("none.pth"), cause
 
 
+def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor], label: str) -> None:
+    assert first.keys() == second.keys(), label
+    for key, tensor in first.items():
+        assert torch.equal(tensor, second[key]), f"{label}: {key} differs"
+
+
 @pytest.mark.slow
 def test_same_command_gives_the_same_weights(tiny_smears, tmp_path):
     """Seeded samplers, loaders and deterministic algorithms: two runs of one command train both
-    stages to identical weights."""
-    weights = []
-    for run in ("first", "second"):
+    stages to identical weights, and ``--stage classify`` alone trains the classifier of ``--stage both``
+    (each stage reseeds when it starts), which the model card's ablation rows rely on."""
+    weights = {}
+    for run, stage in (("first", "both"), ("second", "both"), ("classify", "classify")):
         work = tmp_path / run
-        run_command(bundle_command(
-            "run", "training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(work),
-            "--dataset_dir", str(tiny_smears), "--stage", "both", *TINY_TRAINING,
-        ))
-        weights.append({name: torch.load(work / "models" / name, weights_only=True) for name in ("detector.pt", "classifier.pt")})
-    for name, state in weights[0].items():
-        assert state.keys() == weights[1][name].keys()
-        for key, tensor in state.items():
-            assert torch.equal(tensor, weights[1][name][key]), f"{name}: {key} differs between runs"
+        run_command(
+            bundle_command(
+                "run",
+                "training",
+                "--config_file",
+                str(CONFIGS / "train.json"),
+                "--bundle_root",
+                str(work),
+                "--dataset_dir",
+                str(tiny_smears),
+                "--stage",
+                stage,
+                *TINY_TRAINING,
+            )
+        )
+        names = ("detector.pt", "classifier.pt") if stage == "both" else ("classifier.pt",)
+        weights[run] = {name: torch.load(work / "models" / name, weights_only=True) for name in names}
+    for name in ("detector.pt", "classifier.pt"):
+        assert_same_weights(weights["first"][name], weights["second"][name], f"{name}, second run")
+    assert_same_weights(
+        weights["first"]["classifier.pt"], weights["classify"]["classifier.pt"], "--stage classify"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,19 +183,51 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cytology")
     data = generate_smear_dataset(root / "data", n_train=2, n_val=1, n_test=1, size=256, seed=0)
     work = root / "work"
-    run_command(bundle_command(
-        "run", "training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(work),
-        "--dataset_dir", str(data), "--stage", "both", "--pretrained", "False", "--num_workers", "0", "--progress", "False",
-        *SMALL_NETWORKS, "--detect#input_size", "128", "--detect#epochs", "1", "--detect#batch_size", "2",
-        "--classify#input_size", "64", "--classify#epochs", "1", "--classify#batch_size", "16",
-    ))
+    run_command(
+        bundle_command(
+            "run",
+            "training",
+            "--config_file",
+            str(CONFIGS / "train.json"),
+            "--bundle_root",
+            str(work),
+            "--dataset_dir",
+            str(data),
+            "--stage",
+            "both",
+            "--pretrained",
+            "False",
+            "--num_workers",
+            "0",
+            "--progress",
+            "False",
+            *SMALL_NETWORKS,
+            "--detect#input_size",
+            "128",
+            "--detect#epochs",
+            "1",
+            "--detect#batch_size",
+            "2",
+            "--classify#input_size",
+            "64",
+            "--classify#epochs",
+            "1",
+            "--classify#batch_size",
+            "16",
+        )
+    )
     return data, work
 
 
 @pytest.mark.slow
 def test_both_stages_write_their_weights(trained):
     _, work = trained
-    for name in ("detector.pt", "detector_checkpoint_latest.pt", "classifier.pt", "classifier_checkpoint_latest.pt"):
+    for name in (
+        "detector.pt",
+        "detector_checkpoint_latest.pt",
+        "classifier.pt",
+        "classifier_checkpoint_latest.pt",
+    ):
         assert (work / "models" / name).is_file(), name
 
 
@@ -138,8 +235,21 @@ def test_both_stages_write_their_weights(trained):
 def test_unknown_stage_is_refused(trained):
     data, work = trained
     result = run_command(
-        bundle_command("run", "training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(work),
-                       "--dataset_dir", str(data), "--stage", "segment", "--pretrained", "False", *SMALL_NETWORKS),
+        bundle_command(
+            "run",
+            "training",
+            "--config_file",
+            str(CONFIGS / "train.json"),
+            "--bundle_root",
+            str(work),
+            "--dataset_dir",
+            str(data),
+            "--stage",
+            "segment",
+            "--pretrained",
+            "False",
+            *SMALL_NETWORKS,
+        ),
         check=False,
     )
     assert result.returncode != 0 and "stage must be one of" in result.stdout + result.stderr
@@ -148,21 +258,55 @@ def test_unknown_stage_is_refused(trained):
 @pytest.mark.slow
 def test_evaluate_and_infer(trained, tmp_path):
     data, work = trained
-    common = ["--bundle_root", str(work), "--num_workers", "0", "--patch_size", "[128,128]", "--conf", "0.01",
-              "--classifier_input_size", "64", *SMALL_NETWORKS]
-    run_command(bundle_command("run", "evaluating", "--config_file",
-                               f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']", "--dataset_dir", str(data), *common))
+    common = [
+        "--bundle_root",
+        str(work),
+        "--num_workers",
+        "0",
+        "--patch_size",
+        "[128,128]",
+        "--conf",
+        "0.01",
+        "--classifier_input_size",
+        "64",
+        *SMALL_NETWORKS,
+    ]
+    run_command(
+        bundle_command(
+            "run",
+            "evaluating",
+            "--config_file",
+            f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'evaluate.json'}']",
+            "--dataset_dir",
+            str(data),
+            *common,
+        )
+    )
     detection = json.loads((work / "eval" / "test" / "detection_metrics.json").read_text())
     for key in ("mAP", "mAP50", "agnostic_mAP", "agnostic_mAP50", "recall"):
         assert 0.0 <= detection[key] <= 1.0, key
     classification = json.loads((work / "eval" / "test" / "classification_report.json").read_text())
     assert classification["n_samples"] > 0 and 0.0 <= classification["balanced_accuracy"] <= 1.0
     assert classification["screening"]["abnormal_classes"] == ["ASCUS", "LSIL", "HSIL", "ASCH", "SCC"]
-    assert (work / "eval" / "test" / "screening_per_image.csv").read_text().startswith("image,cells,true_abnormal")
+    assert (
+        (work / "eval" / "test" / "screening_per_image.csv")
+        .read_text()
+        .startswith("image,cells,true_abnormal")
+    )
 
     output_dir = tmp_path / "out"
-    run_command(bundle_command("run", "--config_file", str(CONFIGS / "inference.json"),
-                               "--input_dir", str(data / "test" / "images"), "--output_dir", str(output_dir), *common))
+    run_command(
+        bundle_command(
+            "run",
+            "--config_file",
+            str(CONFIGS / "inference.json"),
+            "--input_dir",
+            str(data / "test" / "images"),
+            "--output_dir",
+            str(output_dir),
+            *common,
+        )
+    )
     (csv_file,) = output_dir.glob("detections_*.csv")
     with open(csv_file, newline="") as f:
         reader = csv.DictReader(f)
@@ -177,17 +321,53 @@ def test_evaluate_and_infer(trained, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
-    """Both stages under torchrun with 2 CPU processes: distributed samplers (the classifier's weighted
-    one included) and rank-0-only checkpoints."""
+    """Both stages under torchrun with 2 CPU processes: distributed samplers (the classifier's default
+    uniform one; the weighted one of ``--classify#balanced_sampler True`` is not run here) and rank-0-only
+    checkpoints."""
     data = generate_smear_dataset(tmp_path / "data", n_train=2, n_val=2, n_test=1, size=256, seed=1)
     work = tmp_path / "work"
-    run_command([
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-        "run", "training", "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
-        "--bundle_root", str(work), "--dataset_dir", str(data), "--pretrained", "False", "--num_workers", "0",
-        "--progress", "False", *SMALL_NETWORKS, "--detect#input_size", "128", "--detect#epochs", "1", "--detect#batch_size", "1",
-        "--classify#input_size", "64", "--classify#epochs", "1", "--classify#batch_size", "8",
-    ], OMP_NUM_THREADS="1")
+    run_command(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--config_file",
+            f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
+            "--bundle_root",
+            str(work),
+            "--dataset_dir",
+            str(data),
+            "--pretrained",
+            "False",
+            "--num_workers",
+            "0",
+            "--progress",
+            "False",
+            *SMALL_NETWORKS,
+            "--detect#input_size",
+            "128",
+            "--detect#epochs",
+            "1",
+            "--detect#batch_size",
+            "1",
+            "--classify#input_size",
+            "64",
+            "--classify#epochs",
+            "1",
+            "--classify#batch_size",
+            "8",
+        ],
+        OMP_NUM_THREADS="1",
+    )
     assert sorted(p.name for p in (work / "models").iterdir()) == [
-        "classifier.pt", "classifier_checkpoint_latest.pt", "detector.pt", "detector_checkpoint_latest.pt"
+        "classifier.pt",
+        "classifier_checkpoint_latest.pt",
+        "detector.pt",
+        "detector_checkpoint_latest.pt",
     ]
