@@ -8,9 +8,12 @@ failed item into a marker, :func:`collate_skipping_failed` keeps markers out of 
 :class:`SkipFailedBatches` logs them, feeds the evaluator the rest, and raises at the end
 (:meth:`SkipFailedBatches.raise_if_failed`); :func:`pending` drops the entries whose outputs exist.
 
-A bundle config imports it (``"$from common.engines.batch import run_batch"``) and runs
-``"$run_batch(@slide_list, @segmenter, @segmenter.is_done)"``;
-the outputs must be written atomically (``common.io.atomic``) for ``is_done`` to be trusted.
+A slide bundle's config imports it (``"$from common.engines.batch import run_batch"``) and runs
+``"$run_batch(@slide_list, @segmenter, @segmenter.is_done)"``. An image bundle's ``datalist`` is
+:func:`pending` over its folder's images, its ``dataloader`` is :func:`fail_safe_loader` over its
+``dataset``, and its ``finalize`` calls ``"$@dataloader.raise_if_failed()"`` (``finalize``, not ``run``,
+so that MONAI Label, which runs ``evaluator`` then ``finalize``, sees the failure too). Outputs must be
+written atomically (``common.io.atomic``) for "present" to mean "complete".
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from monai.data import list_data_collate
+from monai.data import DataLoader, list_data_collate
 from torch.utils.data import Dataset
 
-from common.errors import find_input_data_error
+from common.errors import InputDataError, find_input_data_error
 from common.utils import file_stem
 
 __all__ = [
@@ -33,8 +37,10 @@ __all__ = [
     "BatchFailedError",
     "BatchReport",
     "FailSafeDataset",
+    "PendingEntries",
     "SkipFailedBatches",
     "collate_skipping_failed",
+    "fail_safe_loader",
     "pending",
     "run_batch",
 ]
@@ -161,7 +167,9 @@ def collate_skipping_failed(items: Sequence[Any], collate: Callable[[list], Any]
     ``list_data_collate``; a bundle's own through ``"_mode_": "partial"``) of the items that loaded, with
     the failures under :data:`FAILED_KEY` (a batch of failures only is ``{FAILED_KEY: [...]}``; a batch
     mixing both must collate to a dict)."""
-    failed = [f for item in items if isinstance(item, Mapping) and FAILED_KEY in item for f in item[FAILED_KEY]]
+    failed = [
+        f for item in items if isinstance(item, Mapping) and FAILED_KEY in item for f in item[FAILED_KEY]
+    ]
     loaded = [item for item in items if not (isinstance(item, Mapping) and FAILED_KEY in item)]
     if not failed:
         return collate(loaded)
@@ -173,17 +181,24 @@ def collate_skipping_failed(items: Sequence[Any], collate: Callable[[list], Any]
 def _batch_size(batch: Any) -> int:
     """Items in a collated batch: the length of its first tensor or list (1 when it has none)."""
     values = batch.values() if isinstance(batch, Mapping) else [batch]
-    return next((len(value) for value in values if hasattr(value, "__len__") and not isinstance(value, str)), 1)
+    return next(
+        (len(value) for value in values if hasattr(value, "__len__") and not isinstance(value, str)), 1
+    )
 
 
 class SkipFailedBatches:
     """The evaluator's data: the batches of ``loader`` (collated by :func:`collate_skipping_failed`) with
     their failures logged and removed. It has no length, so the evaluator's epoch ends with the data.
-    Call :meth:`raise_if_failed` after the run (in the config's ``finalize``, after the writers close)."""
+    Call :meth:`raise_if_failed` after the run (in the config's ``finalize``, after the writers close).
 
-    def __init__(self, loader: Iterable[Any]) -> None:
+    Args:
+        loader: the batches, e.g. a DataLoader over a :class:`FailSafeDataset`.
+        skipped: the inputs left out as already complete (:attr:`PendingEntries.skipped`), for the summary.
+    """
+
+    def __init__(self, loader: Iterable[Any], skipped: Sequence[str] = ()) -> None:
         self.loader = loader
-        self.report = BatchReport()
+        self.report = BatchReport(skipped=list(skipped))
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
@@ -197,28 +212,78 @@ class SkipFailedBatches:
             yield batch
 
     def raise_if_failed(self) -> None:
-        """Raise :class:`BatchFailedError` (a non-zero exit status) when an input failed."""
+        """Log the summary; raise :class:`BatchFailedError` (a non-zero exit status) when an input failed,
+        from an :class:`~common.errors.InputDataError` naming the first failed input and its cause, so that
+        the command line's excepthook explains it and MONAI Label answers 422 naming the file."""
+        log = logger.error if self.report.failed else logger.info
+        log("batch: %s", self.report.summary())
         if self.report.failed:
-            logger.error("batch: %s", self.report.summary())
-            raise BatchFailedError(self.report)
+            name, cause = next(iter(self.report.failed.items()))
+            raise BatchFailedError(self.report) from InputDataError(name, cause)
+
+
+def fail_safe_loader(
+    dataset: Any,
+    key: str = "image",
+    collate_fn: Callable[[list], Any] = list_data_collate,
+    **loader_kwargs: Any,
+) -> SkipFailedBatches:
+    """An evaluator's ``val_data_loader`` that survives a bad input: :class:`SkipFailedBatches` over a MONAI
+    ``DataLoader`` over a :class:`FailSafeDataset` over ``dataset``.
+
+    Args:
+        dataset: e.g. a MONAI ``Dataset`` over the :func:`pending` entries (whose skipped inputs go into
+            the summary).
+        key: the datalist key naming an input, for the failures.
+        collate_fn: the bundle's collate function for the items that loaded.
+        loader_kwargs: ``batch_size``, ``num_workers``... of the ``DataLoader``.
+    """
+    loader = DataLoader(
+        FailSafeDataset(dataset, key),
+        collate_fn=partial(collate_skipping_failed, collate=collate_fn),
+        **loader_kwargs,
+    )
+    return SkipFailedBatches(loader, getattr(getattr(dataset, "data", None), "skipped", ()))
+
+
+class PendingEntries(list):
+    """The datalist entries still to process (a plain list to a Dataset), with ``skipped``: the inputs
+    left out because their outputs were complete."""
+
+    def __init__(self, entries: Iterable[Mapping[str, Any]], skipped: Iterable[str]) -> None:
+        super().__init__(entries)
+        self.skipped = list(skipped)
 
 
 def pending(
-    datalist: Sequence[Mapping[str, Any]], output_dir: str | os.PathLike, outputs: Sequence[str], key: str = "image"
-) -> list[Mapping[str, Any]]:
+    datalist: Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    outputs: Sequence[str],
+    key: str = "image",
+    overwrite: bool = False,
+) -> PendingEntries:
     """The datalist entries whose outputs are not all in ``output_dir`` yet, to resume a batch.
 
     Args:
         outputs: output file names with ``{stem}`` for the input's stem (:func:`common.utils.file_stem`),
             e.g. ``["{stem}_instances.tif", "{stem}_overlay.png"]``; written atomically, so present means
             complete.
+        overwrite: keep every entry, to redo the outputs.
+
+    Raises:
+        ValueError: ``outputs`` is empty (every input would count as complete).
     """
+    if not outputs:
+        raise ValueError("outputs must name at least one file per input, e.g. ['{stem}_overlay.png']")
+    if overwrite:
+        return PendingEntries(datalist, ())
     root = Path(output_dir)
-    todo = []
+    todo, skipped = [], []
     for entry in datalist:
         stem = file_stem(entry[key])
         if all((root / name.format(stem=stem)).is_file() for name in outputs):
-            logger.info("%s: outputs complete, skipped", entry[key])
+            logger.info("%s: outputs complete, skipped (overwrite redoes it)", entry[key])
+            skipped.append(os.fspath(entry[key]))
         else:
             todo.append(entry)
-    return todo
+    return PendingEntries(todo, skipped)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from PIL import Image
 
 from common.data.dermoscopy import read_isic_folder
@@ -161,6 +162,34 @@ def test_folder_inference_writes_one_mask_and_overlay_per_image(trained, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "ISIC_0000000_mask.png", "ISIC_0000000_overlay.png", "ISIC_0000001_mask.png", "ISIC_0000001_overlay.png",
     ]  # the ground-truth *_segmentation.png files beside the images are not inputs
+
+
+def test_folder_inference_survives_a_corrupt_image_and_resumes(trained, tmp_path):
+    """A corrupt image between two good ones: the good ones are written, the run fails naming it; a rerun
+    skips the finished images and reports the bad one again; ``--overwrite True`` lists them again."""
+    data, work = trained
+    folder, output_dir = tmp_path / "images", tmp_path / "out"
+    folder.mkdir()
+    for name, source in (("a", "ISIC_0000000.jpg"), ("c", "ISIC_0000001.jpg")):
+        (folder / f"{name}.jpg").write_bytes((data / "test" / "labelled" / source).read_bytes())
+    (folder / "b.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    infer = bundle_command(
+        "run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(work),
+        "--input_dir", str(folder), "--output_dir", str(output_dir), *INFERENCE,
+    )
+    first = run_command(infer, check=False)
+    log = first.stdout + first.stderr
+    assert first.returncode != 0 and f"InputDataError: {folder / 'b.jpg'}: " in log
+    assert "2 processed, 0 skipped (outputs complete), 1 failed" in log
+    assert sorted(p.name for p in output_dir.iterdir()) == ["a_mask.png", "a_overlay.png", "c_mask.png", "c_overlay.png"]
+    again = run_command(infer, check=False)
+    log = again.stdout + again.stderr
+    assert again.returncode != 0 and f"{folder / 'a.jpg'}: outputs complete, skipped" in log
+    assert "0 processed, 2 skipped (outputs complete), 1 failed" in log and str(folder / "b.jpg") in log
+    parser = ConfigParser()  # --overwrite True lists every image again, the finished ones included
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.update({"input_dir": str(folder), "output_dir": str(output_dir), "overwrite": True})
+    assert [entry["image"] for entry in parser.get_parsed_content("datalist")] == sorted(map(str, folder.iterdir()))
 
 
 def test_unreadable_image_is_named_in_the_error(trained, tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from monai.bundle import ConfigParser
 
 from common.bundle import score_cells
 from common.data.synthetic.cells import generate_cell_dataset
@@ -132,6 +133,37 @@ def test_tune_evaluate_baseline_and_infer(dataset: Path, trained: Path, tmp_path
         with open(next(output_dir.rglob(f"{image.stem}*cells*.csv"))) as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == len(np.unique(labels[labels > 0]))
+
+
+def test_folder_inference_survives_a_corrupt_image_and_resumes(dataset: Path, trained: Path, tmp_path: Path):
+    """A corrupt image between two good ones: the good ones are written, the run fails naming it; a rerun
+    skips the finished images and reports the bad one again; ``--overwrite True`` lists them again."""
+    folder, output_dir = tmp_path / "images", tmp_path / "out"
+    folder.mkdir()
+    good = sorted((dataset / "raw" / "test").glob("*_img.png"))
+    (folder / "a_img.png").write_bytes(good[0].read_bytes())
+    (folder / "b_img.png").write_bytes(good[0].read_bytes()[:100])  # truncated
+    (folder / "c_img.png").write_bytes(good[1].read_bytes())
+    infer = bundle_command(
+        "run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(trained),
+        "--input_dir", str(folder), "--output_dir", str(output_dir), "--num_workers", "0",
+        "--patch_size", "[64,64]", *TINY_NETWORK,
+    )
+    first = run_command(infer, check=False)
+    log = first.stdout + first.stderr
+    assert first.returncode != 0 and f"InputDataError: {folder / 'b_img.png'}: " in log
+    assert "2 processed, 0 skipped (outputs complete), 1 failed" in log
+    assert sorted(p.name for p in output_dir.iterdir()) == [
+        f"{stem}_{kind}" for stem in ("a_img", "c_img") for kind in ("cells.csv", "instances.tif", "overlay.png")
+    ]
+    again = run_command(infer, check=False)
+    log = again.stdout + again.stderr
+    assert again.returncode != 0 and f"{folder / 'a_img.png'}: outputs complete, skipped" in log
+    assert "0 processed, 2 skipped (outputs complete), 1 failed" in log and str(folder / "b_img.png") in log
+    parser = ConfigParser()  # --overwrite True lists every image again, the finished ones included
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser.update({"input_dir": str(folder), "output_dir": str(output_dir), "overwrite": True})
+    assert [entry["image"] for entry in parser.get_parsed_content("datalist")] == sorted(map(str, folder.iterdir()))
 
 
 def test_two_process_ddp_on_cpu(dataset: Path, tmp_path: Path):

@@ -58,28 +58,32 @@ def test_a_folder_with_a_truncated_slide_between_good_ones(tmp_path):
     assert list(again.value.report.failed) == [str(bad)] and again.value.report.results == []
 
 
-def test_an_evaluator_over_a_folder_skips_a_corrupt_image_and_fails_at_the_end(tmp_path):
+def test_an_evaluator_over_a_folder_skips_a_corrupt_image_and_fails_at_the_end(tmp_path, caplog):
     from ignite.engine import Events
-    from monai.data import DataLoader, Dataset
+    from monai.data import Dataset
     from monai.engines import SupervisedEvaluator
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
     from PIL import Image
 
     from common.data.datalist import image_datalist
-    from common.engines.batch import FailSafeDataset, SkipFailedBatches, collate_skipping_failed, pending
+    from common.engines.batch import fail_safe_loader, pending
+    from common.errors import find_input_data_error
 
     for name in ("a", "c", "d"):
         Image.new("RGB", (16, 16), (200, 60, 60)).save(tmp_path / f"{name}.png")
     (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "d_overlay.png").write_bytes(b"done")  # d finished in an earlier run
-    datalist = pending(image_datalist(tmp_path), tmp_path / "out", ["{stem}_overlay.png"])
+    with caplog.at_level(logging.INFO, logger="common.engines.batch"):
+        datalist = pending(image_datalist(tmp_path), tmp_path / "out", ["{stem}_overlay.png"])
     assert [entry["image"] for entry in datalist] == [str(tmp_path / f"{n}.png") for n in "abc"]
+    assert datalist.skipped == [str(tmp_path / "d.png")] and "d.png: outputs complete, skipped" in caplog.text
+    redo = pending(image_datalist(tmp_path), tmp_path / "out", ["{stem}_overlay.png"], overwrite=True)
+    assert len(redo) == 4 and redo.skipped == []
+    with pytest.raises(ValueError, match="at least one file"):
+        pending(image_datalist(tmp_path), tmp_path / "out", [])
     transform = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image")])
-    loader = DataLoader(
-        FailSafeDataset(Dataset(datalist, transform)), batch_size=2, collate_fn=collate_skipping_failed
-    )
-    batches = SkipFailedBatches(loader)
+    batches = fail_safe_loader(Dataset(datalist, transform), batch_size=2)
     evaluator = SupervisedEvaluator("cpu", batches, torch.nn.Identity())
     seen: list[str] = []
     evaluator.add_event_handler(
@@ -89,10 +93,33 @@ def test_an_evaluator_over_a_folder_skips_a_corrupt_image_and_fails_at_the_end(t
     evaluator.run()
     assert seen == [str(tmp_path / "a.png"), str(tmp_path / "c.png")]  # b dropped from its batch, c went on
     with pytest.raises(
-        BatchFailedError, match=r"2 processed, 0 skipped \(outputs complete\), 1 failed"
+        BatchFailedError, match=r"2 processed, 1 skipped \(outputs complete\), 1 failed"
     ) as raised:
         batches.raise_if_failed()
-    assert list(raised.value.report.failed) == [str(tmp_path / "b.png")]
-    assert (
-        "applying transform" not in raised.value.report.failed[str(tmp_path / "b.png")]
-    )  # the reader's cause
+    bad = str(tmp_path / "b.png")
+    assert list(raised.value.report.failed) == [bad]
+    assert "applying transform" not in raised.value.report.failed[bad]  # the reader's cause
+    cause = find_input_data_error(raised.value)  # what MONAI Label's 422 and the excepthook show
+    assert cause is raised.value.__cause__ and cause.path == bad
+    assert cause.problem == raised.value.report.failed[bad]
+
+
+def test_a_run_where_every_input_is_done_or_failed_ends_cleanly(tmp_path, caplog):
+    """No batch at all (everything skipped, or the one image unreadable) is not an error of its own."""
+    from monai.data import Dataset
+    from monai.engines import SupervisedEvaluator
+    from monai.transforms import LoadImaged
+
+    from common.engines.batch import fail_safe_loader
+
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for entries, failed in (([], 0), ([{"image": str(tmp_path / "bad.png")}], 1)):
+        batches = fail_safe_loader(Dataset(entries, LoadImaged("image")))
+        SupervisedEvaluator("cpu", batches, torch.nn.Identity()).run()
+        assert batches.report.processed == 0 and len(batches.report.failed) == failed
+    with pytest.raises(BatchFailedError):
+        batches.raise_if_failed()
+    empty = fail_safe_loader(Dataset([], LoadImaged("image")))
+    with caplog.at_level(logging.INFO, logger="common.engines.batch"):
+        empty.raise_if_failed()  # nothing failed: only the summary
+    assert "batch: 0 processed, 0 skipped (outputs complete), 0 failed" in caplog.text
