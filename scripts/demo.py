@@ -11,7 +11,8 @@ Two settings per bundle:
 Each file lists shell-free commands with the placeholders ``{python}`` (this interpreter),
 ``{bundle}`` (the bundle folder), ``{data}`` (its demo data folder) and ``{work}`` (the folder that
 receives its models, logs and outputs, used as ``bundle_root`` so the source tree stays clean), and a
-``report`` section naming metric files and images. Logs of every step go to ``reports/<bundle>/logs``;
+``report`` section naming metric files and images, and optionally ``env``: environment variables for
+every step (``{"OMP_NUM_THREADS": "1"}`` where the thread count changes results or speed). Logs of every step go to ``reports/<bundle>/logs``;
 each finished step prints its wall-clock time and the running totals, and ``summary.json`` keeps per
 step the wall-clock seconds, the CPU seconds of the step's process and the 1-minute load average at its
 end (wall-clock time on shared cores is inflated; the load average says by how much).
@@ -59,6 +60,7 @@ def run_steps(name: str, spec: dict, values: dict[str, str], log_dir: Path, star
     timings = []
     bundle_seconds = 0.0
     count = len(spec["steps"])
+    environment = {**os.environ, **spec.get("env", {})}
     for index, step in enumerate(spec["steps"], start=1):
         command = [substitute(part, values) for part in step["command"]]
         log_file = log_dir / f"{index:02d}_{step['name'].replace(' ', '_')}.log"
@@ -68,7 +70,9 @@ def run_steps(name: str, spec: dict, values: dict[str, str], log_dir: Path, star
         with open(log_file, "w") as log:
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
-            result = subprocess.run(command, check=False, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            result = subprocess.run(
+                command, check=False, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
+            )
         seconds = time.perf_counter() - start
         cpu_seconds = children_cpu_seconds() - cpu_start
         load = os.getloadavg()[0]

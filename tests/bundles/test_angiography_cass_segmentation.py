@@ -279,3 +279,14 @@ def test_training_and_inference_build_the_same_anchors_scaled_to_img_size(img_si
     assert sizes[0] == sizes[1]
     assert sizes[0][0] == (smallest,)
     assert len(sizes[0]) == 5
+
+
+@pytest.mark.parametrize("epochs, milestones", [(4, {3: 1}), (20, {15: 1, 18: 1}), (50, {37: 1, 45: 1})])
+def test_learning_rate_drops_tenfold_once_per_milestone(epochs, milestones):
+    """A short run must not stack both drops on one epoch (int(0.75 * 4) == int(0.9 * 4) == 3 gave 1e-2)."""
+    parser = ConfigParser()
+    parser.read_config(_configs("train.json"))
+    parser.update(
+        {"epochs": epochs, "img_size": SIZE, **{f"backbone_kwargs#{k}": v for k, v in TRUNK.items()}}
+    )
+    assert dict(parser.get_parsed_content("lr_scheduler").milestones) == milestones
