@@ -3,7 +3,8 @@
 Two settings per bundle:
 
 - default: ``bundles/<bundle>/configs/demo.json``, short enough that all bundles together finish in
-  well under 30 minutes on 2 idle CPU cores (each model still beats its baseline);
+  well under 30 minutes on 2 idle CPU cores (each model card says how its model compares with its
+  baseline);
 - ``--full``: ``bundles/<bundle>/configs/demo_full.json``, the longer settings the model cards' "full
   demo" figures were measured with (about 100 minutes for all bundles on 2 CPU cores). A bundle without
   a demo_full.json runs its demo.json.
