@@ -8,6 +8,10 @@ that neither stage sees. MAE pretrains once on every training image (labels unus
 fine-tunes each cell through ``monai.bundle run training``: the same optimizer steps for every cell
 (``--steps``; fewer images means more epochs), the same recipe for both initialisations, validation on
 the held-out images once at the end. A seed picks both the labelled subset and the training run.
+
+The report is saved after every finished run, and a rerun with the same ``--work`` resumes: runs already in
+``label_efficiency.json`` and an encoder already pretrained are reused (every run is deterministic for a
+given thread count, so a resumed table is the table an uninterrupted run gives).
 """
 
 from __future__ import annotations
@@ -42,13 +46,29 @@ def write_coco(entries: list[dict[str, str]], path: Path, image_root: Path) -> N
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def write_report(args: argparse.Namespace, cells: dict[str, dict[str, list[float]]]) -> None:
+def cells_of(runs: dict[str, dict[str, float]]) -> dict[str, dict[str, list[float]]]:
+    """``{"<init>/<n>": {metric: [one value per seed]}}`` from the runs ``{"<init>/<n>/<seed>": metrics}``."""
+    cells: dict[str, dict[str, list[float]]] = {}
+    for key, metrics in runs.items():
+        cell = cells.setdefault(key.rsplit("/", 1)[0], {name: [] for name in METRICS})
+        for name in METRICS:
+            cell[name].append(metrics[name])
+    return cells
+
+
+def finished_runs(report: Path) -> dict[str, dict[str, float]]:
+    """The runs an earlier, interrupted invocation recorded in its report (none without a report)."""
+    return json.loads(report.read_text()).get("runs", {}) if report.is_file() else {}
+
+
+def write_report(args: argparse.Namespace, runs: dict[str, dict[str, float]]) -> None:
     """Print the table of finished cells (mean ± standard deviation over seeds) and save the report, so
     an interrupted run keeps what it measured."""
+    cells = cells_of(runs)
     table = ["| labelled images | " + " | ".join(f"{m} MAE | {m} random" for m in METRICS) + " |"]
     table.append("|---" * (1 + 2 * len(METRICS)) + "|")
     for n in args.sizes:
-        if f"random/{n}" not in cells:
+        if f"mae/{n}" not in cells or f"random/{n}" not in cells:
             continue
         row = [str(n)]
         for name in METRICS:
@@ -59,8 +79,8 @@ def write_report(args: argparse.Namespace, cells: dict[str, dict[str, list[float
     print("\n".join(table))
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     probe = json.loads((args.work / "probe.json").read_text())
-    print(save_report({"settings": settings, "cells": cells, "probe": probe, "table": table},
-                      args.work / "label_efficiency.json"))
+    report = {"settings": settings, "runs": runs, "cells": cells, "probe": probe, "table": table}
+    print(save_report(report, args.work / "label_efficiency.json"))
 
 
 def main() -> None:
@@ -97,7 +117,8 @@ def main() -> None:
     ]
     mae = args.work / "mae"
     encoder = args.encoder or mae / "models" / "ssl_vit_backbone.pt"
-    if args.encoder is None:
+    pretrained = mae / "pretraining_finished"  # the encoder is also saved during pretraining: not a sign
+    if args.encoder is None and not pretrained.is_file():
         bundle(
             "run", "pretraining", "--config_file", str(CONFIGS / "pretrain.json"), "--bundle_root", str(mae),
             "--unlabelled_dir", str(data), "--vit", args.vit, "--image_size", str(size), "--epochs",
@@ -105,11 +126,12 @@ def main() -> None:
             "--network_def#decoder_dim", "128", "--network_def#decoder_depth", "2", "--network_def#decoder_heads",
             "4", "--num_workers", "0", "--progress", "False",
         )
+        pretrained.touch()
     probe = [sys.executable, "-m", "common.metrics.probe", "--images", str(test / "labelled"), "--vit", args.vit,
              "--checkpoint", str(encoder), "--size", str(size), "--output", str(args.work / "probe.json")]
     subprocess.run(probe, cwd=ROOT, check=True)
 
-    cells: dict[str, dict[str, list[float]]] = {}
+    runs = finished_runs(args.work / "label_efficiency.json")
     for seed in args.seeds:  # every size once before the next seed, so an interrupted run has whole rows
         for n in args.sizes:
             subset = [train_pool[i] for i in sorted(np.random.default_rng(seed).permutation(pool)[:n])]
@@ -118,6 +140,8 @@ def main() -> None:
             (coco / "val.json").write_bytes(val_json.read_bytes())
             epochs = max(round(args.steps * args.batch_size / n), 1)
             for init, checkpoint in (("mae", str(encoder)), ("random", "")):
+                if f"{init}/{n}/{seed}" in runs:
+                    continue
                 run = args.work / f"{init}_n{n}_s{seed}"
                 bundle(
                     "run", "training", "--config_file", str(CONFIGS / "train.json"), "--bundle_root", str(run),
@@ -125,10 +149,8 @@ def main() -> None:
                     "--epochs", str(epochs), "--val_interval", str(epochs), *detector,
                 )
                 metrics = json.loads((run / "runs" / "train" / "lesion_metrics.json").read_text())
-                cell = cells.setdefault(f"{init}/{n}", {name: [] for name in METRICS})
-                for name in METRICS:
-                    cell[name].append(metrics[name])
-                write_report(args, cells)
+                runs[f"{init}/{n}/{seed}"] = {name: metrics[name] for name in METRICS}
+                write_report(args, runs)
 
 
 if __name__ == "__main__":
