@@ -36,3 +36,27 @@ def centernet_oracle_output(centres: np.ndarray, image_size: int = 128, box_size
     boxes = np.concatenate([centres - box_size / 2, centres + box_size / 2], axis=1)
     target = torch.from_numpy(centernet_target(boxes, (image_size, image_size)))
     return torch.cat([torch.logit(target[:1], eps=1e-6), target[1:3]])
+
+
+def check_folder_inference_resumes(
+    infer: list[str], config: Path, folder: Path, output_dir: Path, outputs: list[str], bad: str, good: str
+) -> None:
+    """Run the folder inference ``infer`` twice over ``folder``, which holds the corrupt image ``bad``
+    between good ones: the first run writes exactly ``outputs`` and fails naming ``bad``; the rerun skips
+    the finished images (``good`` among them) and reports ``bad`` again; with ``overwrite`` the ``datalist``
+    of ``config`` lists every image again."""
+    from monai.bundle import ConfigParser
+
+    first = run_command(infer, check=False)
+    log = first.stdout + first.stderr
+    assert first.returncode != 0 and f"InputDataError: {folder / bad}: " in log
+    assert "2 processed, 0 skipped (outputs complete), 1 failed" in log
+    assert sorted(p.name for p in output_dir.iterdir()) == sorted(outputs)
+    again = run_command(infer, check=False)
+    log = again.stdout + again.stderr
+    assert again.returncode != 0 and f"{folder / good}: outputs complete, skipped" in log
+    assert "0 processed, 2 skipped (outputs complete), 1 failed" in log and str(folder / bad) in log
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    parser.update({"input_dir": str(folder), "output_dir": str(output_dir), "overwrite": True})
+    assert [entry["image"] for entry in parser.get_parsed_content("datalist")] == sorted(map(str, folder.iterdir()))

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from PIL import Image
 
 from common.data.dermoscopy import read_isic_folder
 from common.data.mask_to_coco import split_and_write
 from common.data.synthetic.dermoscopy import generate_dermoscopy_dataset
-from tests.helpers import REPO_ROOT, bundle_command, run_command
+from tests.helpers import REPO_ROOT, bundle_command, check_folder_inference_resumes, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -177,19 +176,8 @@ def test_folder_inference_survives_a_corrupt_image_and_resumes(trained, tmp_path
         "run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(work),
         "--input_dir", str(folder), "--output_dir", str(output_dir), *INFERENCE,
     )
-    first = run_command(infer, check=False)
-    log = first.stdout + first.stderr
-    assert first.returncode != 0 and f"InputDataError: {folder / 'b.jpg'}: " in log
-    assert "2 processed, 0 skipped (outputs complete), 1 failed" in log
-    assert sorted(p.name for p in output_dir.iterdir()) == ["a_mask.png", "a_overlay.png", "c_mask.png", "c_overlay.png"]
-    again = run_command(infer, check=False)
-    log = again.stdout + again.stderr
-    assert again.returncode != 0 and f"{folder / 'a.jpg'}: outputs complete, skipped" in log
-    assert "0 processed, 2 skipped (outputs complete), 1 failed" in log and str(folder / "b.jpg") in log
-    parser = ConfigParser()  # --overwrite True lists every image again, the finished ones included
-    parser.read_config(str(CONFIGS / "inference.json"))
-    parser.update({"input_dir": str(folder), "output_dir": str(output_dir), "overwrite": True})
-    assert [entry["image"] for entry in parser.get_parsed_content("datalist")] == sorted(map(str, folder.iterdir()))
+    outputs = ["a_mask.png", "a_overlay.png", "c_mask.png", "c_overlay.png"]
+    check_folder_inference_resumes(infer, CONFIGS / "inference.json", folder, output_dir, outputs, "b.jpg", "a.jpg")
 
 
 def test_unreadable_image_is_named_in_the_error(trained, tmp_path):

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from monai.bundle import ConfigParser
 
 from common.bundle import score_cells
 from common.data.synthetic.cells import generate_cell_dataset
-from tests.helpers import REPO_ROOT, bundle_command, run_command
+from tests.helpers import REPO_ROOT, bundle_command, check_folder_inference_resumes, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -149,21 +148,10 @@ def test_folder_inference_survives_a_corrupt_image_and_resumes(dataset: Path, tr
         "--input_dir", str(folder), "--output_dir", str(output_dir), "--num_workers", "0",
         "--patch_size", "[64,64]", *TINY_NETWORK,
     )
-    first = run_command(infer, check=False)
-    log = first.stdout + first.stderr
-    assert first.returncode != 0 and f"InputDataError: {folder / 'b_img.png'}: " in log
-    assert "2 processed, 0 skipped (outputs complete), 1 failed" in log
-    assert sorted(p.name for p in output_dir.iterdir()) == [
-        f"{stem}_{kind}" for stem in ("a_img", "c_img") for kind in ("cells.csv", "instances.tif", "overlay.png")
-    ]
-    again = run_command(infer, check=False)
-    log = again.stdout + again.stderr
-    assert again.returncode != 0 and f"{folder / 'a_img.png'}: outputs complete, skipped" in log
-    assert "0 processed, 2 skipped (outputs complete), 1 failed" in log and str(folder / "b_img.png") in log
-    parser = ConfigParser()  # --overwrite True lists every image again, the finished ones included
-    parser.read_config(str(CONFIGS / "inference.json"))
-    parser.update({"input_dir": str(folder), "output_dir": str(output_dir), "overwrite": True})
-    assert [entry["image"] for entry in parser.get_parsed_content("datalist")] == sorted(map(str, folder.iterdir()))
+    outputs = [f"{stem}_{kind}" for stem in ("a_img", "c_img") for kind in ("cells.csv", "instances.tif", "overlay.png")]
+    check_folder_inference_resumes(
+        infer, CONFIGS / "inference.json", folder, output_dir, outputs, "b_img.png", "a_img.png"
+    )
 
 
 def test_two_process_ddp_on_cpu(dataset: Path, tmp_path: Path):
