@@ -15,6 +15,9 @@ from common.transforms.centernet import centernet_target
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+#: ``torchrun`` with 2 processes on this machine, as the DDP tests start it (Gloo on CPU).
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
 
 def run_command(args: list[str], timeout: float = 600, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """Run ``args`` from the repository root with this interpreter's environment; with ``check``,

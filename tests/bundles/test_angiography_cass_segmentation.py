@@ -7,7 +7,6 @@ the time importing torch); the DDP test starts its own processes under torchrun 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from common.data.angiography import CASS_CATEGORIES
 from common.data.synthetic.angiography import generate_angiography_dataset
 from common.errors import InputDataError
 from common.io.checkpoint import extract_state_dict, load_checkpoint
-from tests.helpers import REPO_ROOT, run_command
+from tests.helpers import REPO_ROOT, TORCHRUN_2, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -248,7 +247,7 @@ def test_two_process_ddp_with_gloo_trains_phase_2(trained, tmp_path):
     data = generate_angiography_dataset(tmp_path / "data", num_images=10, size=SIZE, seed=1)
     work = tmp_path / "work"
     run_command([
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+        *TORCHRUN_2, "-m", "monai.bundle",
         "run", "training", "--config_file", str(_configs("train.json", "multi_gpu_train.json", extra=network)),
         "--bundle_root", str(work), "--dataset_dir", str(data), "--init_checkpoint", "", "--epochs", "1",
         "--progress", "False",

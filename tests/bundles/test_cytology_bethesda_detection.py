@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from common.data.synthetic.smears import generate_smear_dataset
 from common.errors import InputDataError
 from common.losses.logit_adjusted import LogitAdjustedCrossEntropy
 from common.writers.detections import DETECTION_COLUMNS
-from tests.helpers import REPO_ROOT, bundle_command, run_command
+from tests.helpers import REPO_ROOT, TORCHRUN_2, bundle_command, run_command
 
 BUNDLE = REPO_ROOT / "bundles" / "cytology_bethesda_detection"
 CONFIGS = BUNDLE / "configs"
@@ -310,11 +309,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     work = tmp_path / "work"
     run_command(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
+            *TORCHRUN_2,
             "-m",
             "monai.bundle",
             "run",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image
 from common.data.dermoscopy import read_isic_folder
 from common.data.mask_to_coco import split_and_write
 from common.data.synthetic.dermoscopy import generate_dermoscopy_dataset
-from tests.helpers import REPO_ROOT, bundle_command, check_folder_inference_resumes, run_command
+from tests.helpers import REPO_ROOT, TORCHRUN_2, bundle_command, check_folder_inference_resumes, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -223,7 +222,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     data = _dataset(tmp_path / "data", seed=3, n_labelled=10)  # two validation images, one per rank
     work = tmp_path / "work"
     run_command([
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+        *TORCHRUN_2, "-m", "monai.bundle",
         "run", "training", "--config_file", f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
         *_train_args(data, work), "--backbone_checkpoint", "", "--batch_size", "1",
     ], OMP_NUM_THREADS="1")

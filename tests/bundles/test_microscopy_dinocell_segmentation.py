@@ -14,7 +14,7 @@ import torch
 
 from common.bundle import score_cells
 from common.data.synthetic.cells import generate_cell_dataset
-from tests.helpers import REPO_ROOT, bundle_command, check_folder_inference_resumes, run_command
+from tests.helpers import REPO_ROOT, TORCHRUN_2, bundle_command, check_folder_inference_resumes, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +158,7 @@ def test_two_process_ddp_on_cpu(dataset: Path, tmp_path: Path):
     """torchrun with 2 CPU processes (gloo): both ranks train, rank 0 alone writes checkpoints."""
     work, logs = tmp_path / "work", tmp_path / "torchrun_logs"
     run_command([
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        *TORCHRUN_2,
         "--log-dir", str(logs), "--tee", "3", "-m", "monai.bundle", "run", "training",
         "--config_file", configs("train.json", "multi_gpu_train.json"), "--bundle_root", str(work),
         "--dataset_dir", str(dataset / "arrays"), "--epochs", "1", "--warmup_iterations", "1", "--batch_size", "1",

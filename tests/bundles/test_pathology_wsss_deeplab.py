@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from common.data.synthetic.histology import generate_histology_dataset
 from common.errors import InputDataError
 from common.io.checkpoint import load_checkpoint, save_checkpoint
 from common.networks.cam_classifier import CAMClassifier, PrototypeCAMClassifier
-from tests.helpers import REPO_ROOT, bundle_command, run_command
+from tests.helpers import REPO_ROOT, TORCHRUN_2, bundle_command, run_command
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +141,7 @@ def test_two_process_ddp_on_cpu(dataset: Path, work: Path, tmp_path: Path):
     ddp_work = tmp_path / "work"
     shutil.copytree(work / "pseudo_masks", ddp_work / "pseudo_masks")
     run_command([
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        *TORCHRUN_2,
         "-m", "monai.bundle", "run", "training",
         "--config_file", configs("train.json", "multi_gpu_train.json"),
         "--bundle_root", str(ddp_work), "--dataset_dir", str(dataset), *TRAIN, "--batch_size", "2",

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tests.helpers import run_command
+from tests.helpers import TORCHRUN_2, run_command
 
 TOKENS, DIM = 16, 8
 
@@ -76,11 +76,7 @@ def _worker(out_dir: Path) -> None:
 def test_wrap_ddp_with_complex_buffers_under_torchrun(tmp_path: Path):
     run_command(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
+            *TORCHRUN_2,
             __file__,
             str(tmp_path),
         ],

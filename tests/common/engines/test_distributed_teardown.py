@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_command
+from tests.helpers import TORCHRUN_2, run_command
 
 LATE_SECONDS = 1.0
 
@@ -46,11 +46,7 @@ def _worker(out_dir: Path) -> None:
 @pytest.mark.slow
 def test_ranks_leave_the_group_together(tmp_path: Path):
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+        *TORCHRUN_2,
         __file__,
         str(tmp_path),
     ]
