@@ -473,6 +473,7 @@ def write_pyramid_tiff(
     Args:
         path: the TIFF to write.
         levels: level 0 first; each a uint8 ``(H, W)`` (label map, grey) or ``(H, W, 3)`` (RGB) array-like
+            (a 2-D level may have another integer ``dtype``, e.g. uint32 cell instances)
             with ``shape`` and 2-D slicing, e.g. a NumPy or zarr array, or a lazy object computing pixels;
             an object with a ``tiles(tile_size)`` method gives its tiles in raster order itself. Levels
             are read in order, so a reduced level may be filled while level 0 is written.
@@ -505,7 +506,7 @@ def write_pyramid_tiff(
                 tif.write(
                     tiles,
                     shape=tuple(level.shape),
-                    dtype=np.uint8,
+                    dtype=np.dtype(getattr(level, "dtype", np.uint8)),
                     tile=(tile_size, tile_size),
                     photometric="rgb" if len(level.shape) == 3 else "minisblack",
                     compression=compression,

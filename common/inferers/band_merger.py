@@ -7,6 +7,8 @@ every tile edge into *cells*: all pixels of a cell are covered by the same tiles
 running sum of its tiles' probabilities and a single count. Once the last tile touching a cell (in
 raster order) has been added or skipped, the cell is final: its arg-max class goes into the rows handed
 to ``write_rows`` and its memory is freed. Nothing is written to disk unless probabilities are asked for.
+With ``average_rows`` the final rows handed on are the averaged maps themselves rather than their arg-max,
+for networks whose output is blended as a map (e.g. a cell distance map) and post-processed downstream.
 
 With ``stride > 1`` the tiles' probabilities stay at the network's output stride (DeepLab-v2: 1/8 of the
 tile's side): cells are blended there, 1/stride² of the memory and of the softmax, and each block of
@@ -200,9 +202,10 @@ class BandMerger:
 
     Tiles are ``ph x pw`` and start at ``rows x columns`` (each ascending); call :meth:`add` for the
     tiles kept, in raster order (tiles not added are skipped), then :meth:`finish`. Every pixel whose
-    tiles were all skipped is ``background_index``. With ``stride = s > 1`` a tile's probabilities are
-    ``(C, ph / s, pw / s)`` (the network's output stride), blended at that resolution and upsampled by a
-    :class:`StrideUpsampler` once final; tile sizes and starts must then be multiples of ``s``.
+    tiles were all skipped is ``background_index`` (0 in every channel with ``average_rows``). With
+    ``stride = s > 1`` a tile's probabilities are ``(C, ph / s, pw / s)`` (the network's output stride),
+    blended at that resolution and upsampled by a :class:`StrideUpsampler` once final; tile sizes and
+    starts must then be multiples of ``s``.
 
     Memory: the sums held never exceed ``4 * C * ((ph - sy) / s * ceil(W / s) + ph * pw / s**2)`` bytes
     (float32; with tissue flags, ``(ph - sy) * W + ph * pw`` bytes more), for ``C`` classes, a slide
@@ -223,6 +226,9 @@ class BandMerger:
         probabilities: where averaged probabilities go, an array-like ``(1, C, H, W)`` (e.g. zarr) filled
             with NaN beforehand (pixels no kept tile covers are not written), or ``None`` to keep none.
         stride: the resolution of the tiles' probabilities relative to the slide level's.
+        average_rows: hand ``write_rows`` the averaged float32 ``(C, h, W)`` maps of the final rows instead
+            of their uint8 arg-max (0 where no kept tile covers a pixel, and on glass with ``tissue``
+            flags); ``class_pixels`` then stays zero. Only at full resolution (``stride = 1``).
     """
 
     def __init__(
@@ -236,6 +242,7 @@ class BandMerger:
         write_rows: Callable[[int, np.ndarray], None],
         probabilities: Any = None,
         stride: int = 1,
+        average_rows: bool = False,
     ) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.patch_size = (int(patch_size[0]), int(patch_size[1]))
@@ -246,6 +253,9 @@ class BandMerger:
             raise ValueError(f"tile sizes and starts must be multiples of the stride, got stride {stride}")
         self.num_classes, self.background_index, self.stride = num_classes, background_index, int(stride)
         self.write_rows, self.probabilities = write_rows, probabilities
+        self.average_rows = bool(average_rows)
+        if self.average_rows and self.stride > 1:
+            raise ValueError(f"average_rows needs maps at full resolution (stride 1), got stride {stride}")
         # the cell grid lives at the probabilities' resolution
         low_shape = [-(-n // self.stride) for n in self.shape]
         self._patch = [n // self.stride for n in self.patch_size]
@@ -327,8 +337,9 @@ class BandMerger:
             r += 1
 
     def _write(self, top: int, labels: np.ndarray) -> None:
-        # a count per class rather than np.bincount, which would copy the block as 8-byte integers
-        self.class_pixels += [np.count_nonzero(labels == k) for k in range(self.num_classes)]
+        if not self.average_rows:
+            # a count per class rather than np.bincount, which would copy the block as 8-byte integers
+            self.class_pixels += [np.count_nonzero(labels == k) for k in range(self.num_classes)]
         self.write_rows(top, labels)
 
     def _finalise(self, r: int, c: int) -> None:
@@ -341,14 +352,26 @@ class BandMerger:
         if self.stride == 1:
             y0, y1, x0, x1 = self.y_edges[r], self.y_edges[r + 1], self.x_edges[c], self.x_edges[c + 1]
             if sums is None:
-                labels = np.full((y1 - y0, x1 - x0), self.background_index, dtype=np.uint8)
+                shape = (y1 - y0, x1 - x0)
+                if self.average_rows:
+                    block = np.zeros((self.num_classes, *shape), np.float32)
+                else:
+                    block = np.full(shape, self.background_index, np.uint8)
             else:
-                labels = argmax_first(sums)  # dividing by the cell's one count changes no order
-                if tissue is not None:
-                    labels[~tissue] = self.background_index
+                averaged = None
+                if self.probabilities is not None or self.average_rows:
+                    averaged = sums / np.float32(count)
                 if self.probabilities is not None:
-                    self.probabilities[0, :, y0:y1, x0:x1] = sums / np.float32(count)
-            blocks.append(labels)
+                    self.probabilities[0, :, y0:y1, x0:x1] = averaged
+                if averaged is not None and self.average_rows:
+                    block = averaged
+                    if tissue is not None:
+                        block[:, ~tissue] = 0
+                else:
+                    block = argmax_first(sums)  # dividing by the cell's one count changes no order
+                    if tissue is not None:
+                        block[~tissue] = self.background_index
+            blocks.append(block)
         else:
             blocks.append(None if sums is None else sums / np.float32(count))
             blocks.append(tissue)
@@ -364,7 +387,7 @@ class BandMerger:
     def _hand_on(self, r: int, blocks: list[np.ndarray | None]) -> None:
         """Write a complete cell row, or push it to the upsampler."""
         if self._upsampler is None:
-            self._write(self.y_edges[r], np.concatenate(blocks, axis=1))
+            self._write(self.y_edges[r], np.concatenate(blocks, axis=-1))
             return
         s, (height, width) = self.stride, self.shape
         rows = self.y_edges[r + 1] - self.y_edges[r]

@@ -1,23 +1,24 @@
 """Whole-slide segmentation, tile by tile, without any slide-sized array in memory.
 
-Per slide: tissue is found once on a low-resolution level (:func:`common.transforms.tissue.tissue_mask`),
-so tiles of bare glass are never decoded at full resolution; the kept tiles of the processed level are
-decoded ahead of the network by a :class:`~common.data.tile_reader.PrefetchingTileReader` (on tiled TIFF
-each TIFF tile once, see :class:`~common.data.tile_reader.TiledTiffLevel`); the network's class
+Per slide, a :class:`~common.inferers.slide_tiles.SlideTileStream` finds tissue once on a low-resolution
+level, so tiles of bare glass are never decoded at full resolution, and decodes the kept tiles of the
+processed level ahead of the network, in raster order, as MONAI's ``WSISlidingWindowSplitter`` places
+them; the network's class
 probabilities are averaged over overlapping tiles by a :class:`~common.inferers.band_merger.BandMerger`,
 which holds only a band of rows as wide as the slide and hands final class-map rows on as soon as no
 later tile touches them. By default they are blended at the network's output stride (DeepLab-v2: 8) and
 only final rows are upsampled, bilinearly, before the arg-max: 1/64 of the softmax and of the band's
-memory, and class maps that differ from full-resolution blending only along class boundaries. The
-tiles are placed as MONAI's ``WSISlidingWindowSplitter`` places them.
+memory, and class maps that differ from full-resolution blending only along class boundaries.
 Pixels that no kept tile covers are labelled ``background_index``, never class 0.
 
 The class map is written while the slide is processed: the TIFF writer pulls level 0 a strip of tiles
 at a time from the merger's final rows (:class:`_StreamedClassMap`), and its coarser levels wait,
 zlib-compressed, in a scratch file. What is held therefore grows with the slide's width (the band, one
 strip of class-map tiles, the TIFF tiles kept for the next row of patches), never with its height; on
-the CPU no batch-sized array is made per batch either (see :meth:`WholeSlideSegmenter._batch`), which
-kept the heap from fragmenting as slides grew.
+the CPU no batch-sized array is made per batch either (see
+:class:`~common.inferers.slide_tiles.SlideTileStream`), which kept the heap from fragmenting as slides grew.
+:func:`write_streamed_pyramid` does the same for any label map (the cell instances of
+:mod:`common.inferers.wsi_cells` too).
 
 Outputs, per slide ``<stem>``, each written atomically into ``output_dir``:
 
@@ -52,9 +53,17 @@ import zarr
 from PIL import Image
 
 from common.data.histopathology import mask_palette
-from common.data.tile_reader import PrefetchingTileReader, TiledTiffLevel
-from common.data.wsi import BACKENDS, Slide, open_slide, read_region, select_level, write_pyramid_tiff
-from common.inferers.band_merger import BandMerger, tile_positions
+from common.data.tile_reader import TiledTiffLevel
+from common.data.wsi import BACKENDS, Slide, open_slide, select_level, write_pyramid_tiff
+from common.inferers.band_merger import BandMerger
+from common.inferers.slide_tiles import (
+    SlideTileStream,
+    block_slices,
+    check_fraction,
+    check_int,
+    is_int,
+    slide_thumbnail,
+)
 from common.io.atomic import atomic_directory, atomic_write
 from common.transforms.tissue import (
     BLACK_THRESHOLD,
@@ -64,15 +73,20 @@ from common.transforms.tissue import (
     tissue_mask,
 )
 
-__all__ = ["BLENDS", "TissueFilter", "WholeSlideSegmenter", "mode_pool2", "segment_slide"]
+__all__ = [
+    "BLENDS",
+    "TissueFilter",
+    "WholeSlideSegmenter",
+    "mode_pool2",
+    "segment_slide",
+    "write_streamed_pyramid",
+]
 
 logger = logging.getLogger(__name__)
 
 BLENDS = ("output_stride", "full")  # where overlapping tiles are averaged, see WholeSlideSegmenter
 _CHUNK = 256  # spatial chunk of the probabilities' zarr array: ~1 MB blocks, small waste at tile edges
-_READ_BLOCK = 2048  # side of the blocks read for the thumbnail and the tissue map (12 MB of RGB)
 _OVERLAY_ROWS = 256  # rows of the overlay blended at once
-_TISSUE_PIXELS = 8  # the tissue map's level is the coarsest where a tile is still this many pixels long
 
 
 class TissueFilter:
@@ -92,9 +106,7 @@ class TissueFilter:
         brightness_threshold: float = BRIGHTNESS_THRESHOLD,
         black_threshold: float = BLACK_THRESHOLD,
     ) -> None:
-        if not 0.0 <= min_tissue_fraction <= 1.0:
-            raise ValueError(f"min_tissue_fraction must be in [0, 1], got {min_tissue_fraction!r}")
-        self.min_tissue_fraction = min_tissue_fraction
+        self.min_tissue_fraction = check_fraction("min_tissue_fraction", min_tissue_fraction)
         self.thresholds = {
             "saturation_threshold": saturation_threshold,
             "brightness_threshold": brightness_threshold,
@@ -204,17 +216,12 @@ def _zarr_codecs() -> dict[str, Any]:
     return {"codecs": [zarr.codecs.BytesCodec(), codec]}
 
 
-def _blocks(shape: Sequence[int], block: int) -> Iterator[tuple[slice, slice]]:
-    """Row-major ``(rows, columns)`` slices of ``block`` x ``block`` tiles covering ``shape``."""
-    for y in range(0, shape[0], block):
-        for x in range(0, shape[1], block):
-            yield slice(y, min(y + block, shape[0])), slice(x, min(x + block, shape[1]))
-
-
-def _strips(blocks: Iterable[np.ndarray], rows: int, width: int) -> Iterator[np.ndarray]:
-    """Regroup uint8 row blocks of one image, top to bottom, into strips of ``rows`` rows (the last one
+def _strips(
+    blocks: Iterable[np.ndarray], rows: int, width: int, dtype: np.dtype | type = np.uint8
+) -> Iterator[np.ndarray]:
+    """Regroup ``dtype`` row blocks of one image, top to bottom, into strips of ``rows`` rows (the last one
     shorter), copied into one buffer: a strip is valid until the next one is asked for."""
-    strip = np.empty((rows, width), np.uint8)
+    strip = np.empty((rows, width), dtype)
     filled = 0
     for block in blocks:
         start = 0
@@ -236,21 +243,28 @@ def _strip_tiles(strip: np.ndarray, tile_size: int) -> Iterator[np.ndarray]:
 
 
 class _ReducedLevel:
-    """One 2x mode-pooled level of the class map, filled a strip of TIFF tiles at a time while the finer
-    level is written, kept zlib-compressed in a scratch file until the TIFF writer reads it back; it pools
-    each finished strip into the next coarser level in turn."""
+    """One level of a label map halved by ``pool`` (:func:`mode_pool2` for class maps), filled a strip of
+    TIFF tiles at a time while the finer level is written, kept zlib-compressed in a scratch file until the
+    TIFF writer reads it back; it pools each finished strip into the next coarser level in turn."""
 
     def __init__(
-        self, path: Path, shape: tuple[int, int], tile_size: int, coarser: _ReducedLevel | None
+        self,
+        path: Path,
+        shape: tuple[int, int],
+        tile_size: int,
+        coarser: _ReducedLevel | None,
+        pool: Callable[[np.ndarray], np.ndarray],
+        dtype: np.dtype,
     ) -> None:
         self.path, self.shape, self.tile_size, self.coarser = path, shape, tile_size, coarser
+        self.pool, self.dtype = pool, dtype
         self._strips: list[tuple[int, int]] = []  # (rows, compressed bytes) of each strip in the file
         self._pending: list[np.ndarray] = []
         self._rows = 0  # rows received
 
     def add(self, finer: np.ndarray) -> None:
         """Pool the next strip of the finer level (an even number of rows, but for the last) into this one."""
-        rows = mode_pool2(finer)
+        rows = self.pool(finer)
         self._pending.append(rows)
         self._rows += len(rows)
         if sum(len(block) for block in self._pending) >= self.tile_size or self._rows == self.shape[0]:
@@ -266,101 +280,67 @@ class _ReducedLevel:
         assert self._rows == self.shape[0], "the finer level was not written to its end"
         with open(self.path, "rb") as f:
             for rows, size in self._strips:
-                strip = np.frombuffer(zlib.decompress(f.read(size)), np.uint8).reshape(rows, self.shape[1])
+                strip = np.frombuffer(zlib.decompress(f.read(size)), self.dtype).reshape(rows, self.shape[1])
                 yield from _strip_tiles(strip, tile_size)
 
 
 class _StreamedClassMap:
-    """Level 0 of the class map as :func:`~common.data.wsi.write_pyramid_tiff` reads it: its tiles come from
-    the final rows that ``blocks`` yields as inference goes on, so the map is written while the slide is
-    processed and never held whole (a strip of tiles at a time); each strip is also pooled into
-    :attr:`reduced`, the coarser levels down to one tile, which the writer reads afterwards."""
+    """Level 0 of a label map (classes, or instances) as :func:`~common.data.wsi.write_pyramid_tiff` reads
+    it: its tiles come from the final rows that ``blocks`` yields as inference goes on, so the map is
+    written while the slide is processed and never held whole (a strip of tiles at a time); each strip is
+    also pooled into :attr:`reduced`, the coarser levels down to one tile, which the writer reads
+    afterwards."""
 
     def __init__(
-        self, shape: tuple[int, int], blocks: Iterable[np.ndarray], tile_size: int, scratch: Path
+        self,
+        shape: tuple[int, int],
+        blocks: Iterable[np.ndarray],
+        tile_size: int,
+        scratch: Path,
+        pool: Callable[[np.ndarray], np.ndarray] = mode_pool2,
+        dtype: np.dtype | type = np.uint8,
     ) -> None:
-        self.shape, self.blocks, self.tile_size = shape, blocks, tile_size
+        self.shape, self.blocks, self.tile_size, self.dtype = shape, blocks, tile_size, np.dtype(dtype)
         shapes = [shape]
         while max(shapes[-1]) > tile_size:
             shapes.append((-(-shapes[-1][0] // 2), -(-shapes[-1][1] // 2)))
         coarser = None
         self.reduced: list[_ReducedLevel] = []
         for index in range(len(shapes) - 1, 0, -1):
-            coarser = _ReducedLevel(scratch / f"classes_{index}.bin", shapes[index], tile_size, coarser)
+            path = scratch / f"level_{index}.bin"
+            coarser = _ReducedLevel(path, shapes[index], tile_size, coarser, pool, self.dtype)
             self.reduced.insert(0, coarser)
 
     def tiles(self, tile_size: int) -> Iterator[np.ndarray]:
         assert tile_size == self.tile_size
         blocks, written = iter(self.blocks), 0
-        for strip in _strips(blocks, tile_size, self.shape[1]):
+        for strip in _strips(blocks, tile_size, self.shape[1], self.dtype):
             written += len(strip)
             # the writer stops at the last tile: the source must finish (and fill in its results) first
             if written == self.shape[0] and next(blocks, None) is not None:
-                raise RuntimeError("the merger handed on more class-map rows than the slide level has")
+                raise RuntimeError("the merger handed on more label-map rows than the slide level has")
             if self.reduced:
                 self.reduced[0].add(strip)
             yield from _strip_tiles(strip, tile_size)
 
 
-def _thumbnail(slide: Slide, max_side: int) -> np.ndarray:
-    """``(h, w, 3)`` uint8 view of the slide at most ``max_side`` pixels long, from the coarsest level
-    that is at least that long, read and shrunk block by block."""
-    dimensions = slide.info.level_dimensions
-    level = max((lvl for lvl, dims in enumerate(dimensions) if max(dims) >= max_side), default=0)
-    height, width = dimensions[level]
-    scale = min(1.0, max_side / max(height, width))
-    out_height, out_width = max(1, round(height * scale)), max(1, round(width * scale))
-    thumbnail = np.empty((out_height, out_width, 3), dtype=np.uint8)
-    downsample = slide.info.downsamples[level]
-    for rows, cols in _blocks((height, width), _READ_BLOCK):
-        y0, y1 = round(rows.start * scale), round(rows.stop * scale)
-        x0, x1 = round(cols.start * scale), round(cols.stop * scale)
-        if y1 == y0 or x1 == x0:
-            continue
-        location = (round(rows.start * downsample), round(cols.start * downsample))
-        size = (rows.stop - rows.start, cols.stop - cols.start)
-        block = Image.fromarray(np.moveaxis(read_region(slide, location, size, level), 0, -1))
-        if block.size != (x1 - x0, y1 - y0):
-            block = block.resize((x1 - x0, y1 - y0), Image.Resampling.BOX)
-        thumbnail[y0:y1, x0:x1] = np.asarray(block)
-    return thumbnail
-
-
-def _level_tissue(slide: Slide, level: int) -> np.ndarray:
-    """``(h, w)`` bool tissue mask of a whole pyramid level, read block by block."""
-    height, width = slide.info.level_dimensions[level]
-    downsample = slide.info.downsamples[level]
-    mask = np.empty((height, width), dtype=bool)
-    for rows, cols in _blocks((height, width), _READ_BLOCK):
-        location = (round(rows.start * downsample), round(cols.start * downsample))
-        size = (rows.stop - rows.start, cols.stop - cols.start)
-        mask[rows, cols] = tissue_mask(read_region(slide, location, size, level))
-    return mask
-
-
-def _tile_tissue(
-    mask: np.ndarray,
-    scale: tuple[float, float],
-    rows: Sequence[int],
-    cols: Sequence[int],
-    patch: Sequence[int],
-) -> np.ndarray:
-    """``(len(rows), len(cols))`` share of tissue in each tile, from a tissue ``mask`` ``scale`` times the
-    size of the tiles' level; the part of a tile past the slide's edge counts as glass."""
-    # summed in place (no temporary of the mask's size), in int32 unless the counts could overflow it
-    dtype = np.int32 if mask.size < 2**31 else np.int64
-    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=dtype)
-    np.cumsum(mask, axis=0, dtype=dtype, out=integral[1:, 1:])
-    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
-    (y_scale, x_scale), (height, width) = scale, patch
-    y0 = np.round(np.asarray(rows) * y_scale).astype(np.int64)
-    y1 = np.maximum(np.round((np.asarray(rows) + height) * y_scale).astype(np.int64), y0 + 1)
-    x0 = np.round(np.asarray(cols) * x_scale).astype(np.int64)
-    x1 = np.maximum(np.round((np.asarray(cols) + width) * x_scale).astype(np.int64), x0 + 1)
-    cy0, cy1 = np.clip(y0, 0, mask.shape[0])[:, None], np.clip(y1, 0, mask.shape[0])[:, None]
-    cx0, cx1 = np.clip(x0, 0, mask.shape[1])[None], np.clip(x1, 0, mask.shape[1])[None]
-    tissue = integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
-    return tissue / ((y1 - y0)[:, None] * (x1 - x0)[None])
+def write_streamed_pyramid(
+    path: str | os.PathLike,
+    shape: tuple[int, int],
+    blocks: Iterable[np.ndarray],
+    mpp: tuple[float, float] | None,
+    tile_size: int,
+    scratch: Path,
+    pool: Callable[[np.ndarray], np.ndarray] = mode_pool2,
+    dtype: np.dtype | type = np.uint8,
+) -> Path:
+    """Write a ``shape`` label map whose rows ``blocks`` yields top to bottom (as a merger finalises them)
+    as a tiled pyramidal TIFF (:func:`~common.data.wsi.write_pyramid_tiff`), atomically, holding a strip of
+    tiles at a time: levels halved by ``pool`` down to one tile, kept zlib-compressed in ``scratch`` until
+    the writer reaches them. The blocks are pulled while the TIFF is written, so inference runs inside.
+    ``pool`` must return a new array: the strips it is given are a reused buffer."""
+    level0 = _StreamedClassMap(shape, blocks, tile_size, scratch, pool, dtype)
+    return write_pyramid_tiff(path, [level0, *level0.reduced], mpp, tile_size)
 
 
 def _overlay(
@@ -376,41 +356,12 @@ def _overlay(
         source = next(large_enough, levels[0]).asarray()
     classes = np.asarray(Image.fromarray(source).resize((width, height), Image.Resampling.NEAREST))
     overlay = thumbnail.copy()
-    for rows, _ in _blocks((height, 1), _OVERLAY_ROWS):  # float64 blending a few rows at a time, not 300 MB
+    # float64 blending a few rows at a time, not 300 MB
+    for rows, _ in block_slices((height, 1), _OVERLAY_ROWS):
         tissue = classes[rows] != background_index
         tinted = np.round(thumbnail[rows][tissue] * (1.0 - alpha) + palette[classes[rows][tissue]] * alpha)
         overlay[rows][tissue] = tinted.astype(np.uint8)
     return overlay
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
-        allowed = f"in {minimum}..{maximum}" if maximum is not None else f"at least {minimum}"
-        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
-    return int(value)
-
-
-def _check_patch_size(patch_size: int | Sequence[int]) -> tuple[int, int]:
-    sizes = (patch_size, patch_size) if _is_int(patch_size) else tuple(patch_size)
-    if len(sizes) != 2 or not all(_is_int(s) and s > 0 for s in sizes):
-        raise ValueError(f"patch_size must be a positive integer or (height, width) pair, got {patch_size!r}")
-    return int(sizes[0]), int(sizes[1])
-
-
-def _check_overlap(overlap: float, patch_size: tuple[int, int]) -> float | int:
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, float, np.integer, np.floating)):
-        raise TypeError(f"overlap must be a fraction in [0, 1) or a whole number of pixels, got {overlap!r}")
-    if isinstance(overlap, (float, np.floating)):
-        if not 0.0 <= overlap < 1.0:
-            raise ValueError(f"a fractional overlap must be in [0, 1), got {overlap}")
-        return float(overlap)
-    if not 0 <= overlap < min(patch_size):
-        raise ValueError(f"an overlap in pixels must be in [0, {min(patch_size)}), got {overlap}")
-    return int(overlap)
 
 
 class WholeSlideSegmenter:
@@ -499,8 +450,8 @@ class WholeSlideSegmenter:
     ) -> None:
         if not callable(network):
             raise TypeError(f"network must be callable, got {type(network).__name__}")
-        self.num_classes = _check_int("num_classes (background included)", num_classes, 2, 255)
-        self.background_index = _check_int(
+        self.num_classes = check_int("num_classes (background included)", num_classes, 2, 255)
+        self.background_index = check_int(
             "background_index",
             self.num_classes - 1 if background_index is None else background_index,
             0,
@@ -512,30 +463,35 @@ class WholeSlideSegmenter:
         self.class_names = [str(name) for name in class_names]
         if len(self.class_names) != self.num_classes or len(set(self.class_names)) != self.num_classes:
             raise ValueError(f"class_names must be {self.num_classes} unique names, got {list(class_names)}")
-        self.patch_size = _check_patch_size(patch_size)
-        self.overlap = _check_overlap(overlap, self.patch_size)
         if level is not None and mpp is not None:
             raise ValueError(f"give either level or mpp, not both (level={level}, mpp={mpp})")
         self.level, self.mpp = level, mpp
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.min_tissue_fraction = min_tissue_fraction
-        TissueFilter(min_tissue_fraction)  # validates the fraction now rather than at the first slide
         if device is None:
             parameter = next(network.parameters(), None) if isinstance(network, torch.nn.Module) else None
             device = parameter.device if parameter is not None else "cpu"
         self.device = torch.device(device)
+        # TiledTiffLevel as this module sees it, so that a test can watch the decoding here
+        self.tiles = SlideTileStream(
+            patch_size,
+            overlap,
+            batch_size,
+            min_tissue_fraction,
+            self.device,
+            preprocess,
+            workers,
+            channels_last,
+            tissue_flags=mask_glass,
+            tiled_level=TiledTiffLevel,
+        )
         self.amp = bool(amp)
-        if preprocess is not None and not callable(preprocess):
-            raise TypeError(f"preprocess must be callable, got {type(preprocess).__name__}")
-        self.preprocess = preprocess
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.keep_probabilities = bool(keep_probabilities)
-        if not _is_int(tile_size) or tile_size < 16 or tile_size % 16:
+        if not is_int(tile_size) or tile_size < 16 or tile_size % 16:
             raise ValueError(f"tile_size must be a positive multiple of 16 (a TIFF rule), got {tile_size!r}")
         self.tile_size = int(tile_size)
-        self.thumbnail_size = _check_int("thumbnail_size", thumbnail_size, 1)
+        self.thumbnail_size = check_int("thumbnail_size", thumbnail_size, 1)
         if palette is None:
             palette = mask_palette(self.num_classes)[: self.num_classes]
         colours = np.asarray(palette)
@@ -545,74 +501,11 @@ class WholeSlideSegmenter:
         if not 0.0 <= overlay_alpha <= 1.0:
             raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha!r}")
         self.overlay_alpha = overlay_alpha
-        self.mask_glass = mask_glass
-        self.workers = _check_int("workers", workers, 0)
-        self.channels_last = bool(channels_last)
         if blend not in BLENDS:
             raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
         self.blend = blend
         self.network = network
         self.output_dir = Path(output_dir)
-
-    def _tissue_share(self, slide: Slide, level: int, rows: list[int], cols: list[int]) -> np.ndarray | None:
-        """Share of tissue in every tile, from the coarsest level on which a tile is still at least
-        ``_TISSUE_PIXELS`` long; ``None`` when the slide has no such level below ``level`` (the tiles are
-        then checked as they are read)."""
-        dimensions, downsamples = slide.info.level_dimensions, slide.info.downsamples
-        coarse = [
-            lvl
-            for lvl in range(level + 1, slide.info.level_count)
-            if min(self.patch_size) * downsamples[level] / downsamples[lvl] >= _TISSUE_PIXELS
-        ]
-        if not coarse:
-            return None
-        low = max(coarse)
-        scale = tuple(dimensions[low][axis] / dimensions[level][axis] for axis in (0, 1))
-        return _tile_tissue(_level_tissue(slide, low), scale, rows, cols, self.patch_size)  # type: ignore[arg-type]
-
-    def _patch_reader(self, slide: Slide, level: int, plan: list[tuple[int, int, int, int]]) -> Callable:
-        """``read(top, left)``: ``(h, w, 3)`` uint8 tile of ``level``, from its TIFF tiles directly when
-        the level is tiled (each decoded once), else through the slide's MONAI reader."""
-        if slide.info.backend == "tifffile":
-            try:
-                tiff_level = TiledTiffLevel(slide.wsi, level, plan)
-            except ValueError:
-                pass
-            else:
-                return lambda top, left: tiff_level.read(top, left, *self.patch_size)
-        downsample = slide.info.downsamples[level]
-
-        def read(top: int, left: int) -> np.ndarray:
-            location = (round(top * downsample), round(left * downsample))
-            return np.moveaxis(read_region(slide, location, self.patch_size, level), 0, -1)
-
-        return read
-
-    def _batch(self, patches: list[np.ndarray], buffer: np.ndarray | None) -> torch.Tensor:
-        """``(B, 3, h, w)`` float batch on the device, preprocessed, from uint8 ``(3, h, w)`` tiles (or
-        ``(h, w, 3)`` ones with ``channels_last``): uint8 up to the device (through pinned memory on CUDA),
-        converted and preprocessed there.
-
-        On the CPU the tiles are converted by NumPy (on one thread, see :func:`_softmax`) and preprocessed
-        one by one into ``buffer``, reused from batch to batch (the previous batch's outputs are NumPy
-        copies by then): no batch-sized array is made per batch. Those (25 MB for 8 tiles of 512 px) cost
-        more in page faults than the conversion itself, and freed among the merger's smaller arrays they
-        fragmented the heap, so that the peak memory grew with the slide's size."""
-        if buffer is not None:
-            batch = torch.from_numpy(buffer[: len(patches)])
-            batch = batch.permute(0, 3, 1, 2) if self.channels_last else batch
-            for index, patch in enumerate(patches):
-                np.copyto(buffer[index], patch)
-                if self.preprocess is not None:
-                    tile = batch[index : index + 1]
-                    tile.copy_(self.preprocess(tile))
-            return batch
-        pixels = torch.from_numpy(np.stack(patches))
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory()
-        batch = pixels.to(self.device, non_blocking=True).float()
-        batch = batch.permute(0, 3, 1, 2) if self.channels_last else batch
-        return batch if self.preprocess is None else self.preprocess(batch)
 
     def _infer(
         self, slide: Slide, level: int, make_merger: Callable[..., BandMerger]
@@ -621,79 +514,42 @@ class WholeSlideSegmenter:
         write_rows)`` makes once the network's output stride is known, yielding the class-map row blocks
         it finalises, top to bottom, after each batch; returns the merger, tiles processed/skipped and the
         network's seconds."""
-        rows, cols = self._grid(slide.info.level_dimensions[level])
-        share = self._tissue_share(slide, level, rows, cols) if self.min_tissue_fraction > 0 else None
-        check_tiles = share is None and self.min_tissue_fraction > 0
-        keep = np.ones((len(rows), len(cols)), bool) if share is None else share >= self.min_tissue_fraction
-        indices = [tuple(int(v) for v in index) for index in np.argwhere(keep)]
-        read_patch = self._patch_reader(
-            slide, level, [(rows[i], cols[j], *self.patch_size) for i, j in indices]
-        )
-
-        def read(location: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None] | None:
-            """The tile and its tissue flags (with ``mask_glass``); ``None`` for glass not screened yet."""
-            patch = read_patch(*location)
-            if check_tiles and tissue_fraction(patch) < self.min_tissue_fraction:
-                return None
-            flags = tissue_mask(patch) if self.mask_glass else None
-            # the layout the batch needs, made here in the reader's thread rather than in the network's
-            return (patch if self.channels_last else np.ascontiguousarray(patch.transpose(2, 0, 1))), flags
-
+        rows, cols = self.tiles.grid(slide.info.level_dimensions[level])
         at_stride = self.blend == "output_stride"
         network = _ProbabilityNetwork(
-            self.network, self.num_classes, self.device, self.amp, self.channels_last, at_stride, rows + cols
+            self.network,
+            self.num_classes,
+            self.device,
+            self.amp,
+            self.tiles.channels_last,
+            at_stride,
+            rows + cols,
         )
         if isinstance(self.network, torch.nn.Module):
             self.network.eval()
-        locations = [(rows[i], cols[j]) for i, j in indices]
-        reader = PrefetchingTileReader(
-            read, locations, slide.info.path, level, self.workers, 2 * self.batch_size
-        )
-        processed, pending, mergers, finished = 0, [], [], []
-        buffer = None
-        if self.device.type == "cpu":
-            tile = (*self.patch_size, 3) if self.channels_last else (3, *self.patch_size)
-            buffer = np.empty((self.batch_size, *tile), np.float32)
+        mergers: list[BandMerger] = []
+        finished: list[np.ndarray] = []
 
         def write_rows(top: int, labels: np.ndarray) -> None:
             finished.append(labels)
 
-        def forward() -> None:
-            with torch.inference_mode():
-                probabilities = network(self._batch([patch for _, patch, _ in pending], buffer))
-            if not mergers:
-                mergers.append(make_merger(rows, cols, network.stride, write_rows))
-            for (index, _, flags), tile in zip(pending, probabilities):
-                mergers[0].add(*index, tile, flags)
-            pending.clear()
-
-        tiles = iter(reader)
+        batches = self.tiles.batches(slide, level)
         try:
-            for index, (_, result) in zip(indices, tiles):
-                if result is not None:
-                    pending.append((index, *result))
-                    processed += 1
-                if len(pending) == self.batch_size:
-                    forward()
-                    yield from finished
-                    finished.clear()
+            for batch in batches:
+                with torch.inference_mode():
+                    probabilities = network(batch.images)
+                if not mergers:
+                    mergers.append(make_merger(rows, cols, network.stride, write_rows))
+                for index, tile, flags in zip(batch.indices, probabilities, batch.tissue):
+                    mergers[0].add(*index, tile, flags)
+                yield from finished
+                finished.clear()
         finally:
-            tiles.close()  # stops the reader's threads when the consumer gives up early
-        if pending:
-            forward()
+            batches.close()  # stops the reader's threads when the consumer gives up early
         merger = mergers[0] if mergers else make_merger(rows, cols, 1, write_rows)
         merger.finish()
         yield from finished
-        return merger, {"processed": processed, "skipped": len(rows) * len(cols) - processed}, network.seconds
-
-    def _grid(self, shape: Sequence[int]) -> tuple[list[int], list[int]]:
-        """Tile starts along y and x, as MONAI's ``WSISlidingWindowSplitter`` places them."""
-        overlap = self.overlap
-        steps = [p - overlap if _is_int(overlap) else round(p * (1 - overlap)) for p in self.patch_size]
-        if min(steps) < 1:
-            raise ValueError(f"overlap {overlap} leaves no step between tiles of {self.patch_size}")
-        rows, cols = (tile_positions(n, p, s) for n, p, s in zip(shape, self.patch_size, steps))
-        return rows, cols
+        return merger, {"processed": self.tiles.processed, "skipped": self.tiles.skipped}, network.seconds
 
     def _areas(
         self, slide: Slide, slide_path: Path, level: int, merger: BandMerger, tiles: dict[str, int]
@@ -708,9 +564,9 @@ class WholeSlideSegmenter:
             "level": level,
             "shape": list(slide.info.level_dimensions[level]),
             "mpp": None if mpp is None else [round(v, 6) for v in mpp],
-            "patch_size": list(self.patch_size),
-            "overlap": self.overlap,
-            "min_tissue_fraction": self.min_tissue_fraction,
+            "patch_size": list(self.tiles.patch_size),
+            "overlap": self.tiles.overlap,
+            "min_tissue_fraction": self.tiles.min_tissue_fraction,
             "blend": {"mode": self.blend, "stride": merger.stride},
             "tiles": tiles,
             "tissue_fraction": tissue_pixels / total,
@@ -777,7 +633,7 @@ class WholeSlideSegmenter:
                 ) -> BandMerger:
                     return BandMerger(
                         shape,
-                        self.patch_size,
+                        self.tiles.patch_size,
                         rows,
                         cols,
                         self.num_classes,
@@ -795,13 +651,12 @@ class WholeSlideSegmenter:
                     )
 
                 # the class map is written while the slide is processed: the TIFF writer pulls its tiles
-                class_map = _StreamedClassMap(shape, class_rows(), self.tile_size, scratch)
                 outputs = self.outputs(slide_path)
-                levels = [class_map, *class_map.reduced]
-                write_pyramid_tiff(outputs["classes"], levels, slide.info.level_mpp(level), self.tile_size)
+                mpp = slide.info.level_mpp(level)
+                write_streamed_pyramid(outputs["classes"], shape, class_rows(), mpp, self.tile_size, scratch)
                 tiles, network_seconds = run["tiles"], run["network_seconds"]
                 summary = self._areas(slide, slide_path, level, run["merger"], tiles)
-                thumbnail = _thumbnail(slide, self.thumbnail_size)
+                thumbnail = slide_thumbnail(slide, self.thumbnail_size)
                 overlay = Image.fromarray(
                     _overlay(
                         thumbnail, outputs["classes"], self.palette, self.background_index, self.overlay_alpha

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -13,10 +14,15 @@ from monai.bundle import ConfigParser
 from torch.utils.data import WeightedRandomSampler
 
 from common.data.cytology import BETHESDA_CLASSES
-from common.data.synthetic.smears import generate_smear_dataset
+from common.data.synthetic.smears import generate_smear_dataset, synthesize_smear
+from common.data.wsi import write_pyramid_tiff
 from common.errors import InputDataError
+from common.io.checkpoint import save_checkpoint
 from common.losses.logit_adjusted import LogitAdjustedCrossEntropy
+from common.networks.centernet import CenterNet
+from common.networks.timm_backbone import create_timm_model
 from common.writers.detections import DETECTION_COLUMNS
+from tests.common.data.test_tile_reader import corrupt_tile
 from tests.helpers import REPO_ROOT, TORCHRUN_2, bundle_command, run_command
 
 BUNDLE = REPO_ROOT / "bundles" / "cytology_bethesda_detection"
@@ -348,3 +354,82 @@ def test_two_process_ddp_on_cpu(tmp_path):
         "detector.pt",
         "detector_checkpoint_latest.pt",
     ]
+
+
+@pytest.mark.slow
+def test_whole_smear_inference_survives_a_corrupt_slide_and_resumes(tmp_path):
+    """``wsi_inference.json`` over a folder of pyramidal smear scans with a corrupt one between two good
+    ones, with tiny random-weight networks: the good slides get their CSV, overlay and summary, the bad
+    one is named in the batch summary and the exit status is non-zero; a rerun skips the finished slides
+    and ``--overwrite True`` would redo them."""
+    torch.manual_seed(0)
+    work = tmp_path / "work"
+    save_checkpoint(CenterNet("resnet18", pretrained=False).state_dict(), work / "models" / "detector.pt")
+    classifier = create_timm_model("efficientnet_b0", pretrained=False, num_classes=len(BETHESDA_CLASSES))
+    save_checkpoint(classifier.state_dict(), work / "models" / "classifier.pt")
+    slides = tmp_path / "slides"
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        pixels, _ = synthesize_smear(rng, ["NILM", "HSIL", "INFL"], size=512)
+        write_pyramid_tiff(slides / f"{name}.tif", [pixels, pixels[::2, ::2]], mpp=0.25, tile_size=128)
+    corrupt_tile(slides / "b.tif", page=0, index=5)  # TIFF tile (1, 1): rows and columns 128..255
+    output_dir = tmp_path / "out"
+    infer = bundle_command(
+        "run",
+        "--config_file",
+        str(CONFIGS / "wsi_inference.json"),
+        "--bundle_root",
+        str(work),
+        "--slides",
+        str(slides),
+        "--output_dir",
+        str(output_dir),
+        *SMALL_NETWORKS,
+        "--patch_size",
+        "256",
+        "--overlap",
+        "0.5",
+        "--box_size",
+        "48",
+        "--classifier_input_size",
+        "64",
+        "--conf",
+        "0.0",
+        "--top_k",
+        "5",
+        "--min_tissue_fraction",
+        "0.0",
+        "--thumbnail_size",
+        "128",
+    )
+    first = run_command(infer, check=False)
+    log = first.stdout + first.stderr
+    assert first.returncode != 0 and f"InputDataError: {slides / 'b.tif'}: tile at (y, x) = (0, 0)" in log
+    assert "2 processed, 0 skipped (outputs complete), 1 failed" in log
+    assert sorted(p.name for p in output_dir.iterdir()) == [
+        f"{stem}_{kind}" for stem in ("a", "c") for kind in ("detections.csv", "overlay.png", "summary.json")
+    ]
+    for stem in ("a", "c"):
+        summary = json.loads((output_dir / f"{stem}_summary.json").read_text())
+        assert summary["level"] == 0 and summary["tiles"] == {"processed": 9, "skipped": 0}
+        assert summary["cells"] == sum(summary["classes"].values()) > 0
+        assert list(summary["classes"]) == list(BETHESDA_CLASSES)
+        with open(output_dir / f"{stem}_detections.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == summary["cells"] and tuple(rows[0]) == (*DETECTION_COLUMNS, "x_um", "y_um")
+        for row in rows:
+            assert row["image_filename"] == f"{stem}.tif" and row["class"] in BETHESDA_CLASSES
+            assert 0 <= float(row["x"]) < 512 and float(row["x_um"]) == pytest.approx(
+                float(row["x"]) / 4, abs=0.01
+            )
+    again = run_command(infer, check=False)
+    log = again.stdout + again.stderr
+    assert again.returncode != 0 and f"{slides / 'a.tif'}: outputs complete, skipped" in log
+    assert "0 processed, 2 skipped (outputs complete), 1 failed" in log and str(slides / "b.tif") in log
+    parser = parsed("wsi_inference.json", output_dir=str(output_dir), overwrite=True)
+    assert parser.get_parsed_content("is_done") is None  # every slide is processed again
+    networks = {"detector_backbone": "resnet18", "classifier_backbone": "efficientnet_b0"}
+    is_done = parsed("wsi_inference.json", output_dir=str(output_dir), **networks).get_parsed_content(
+        "is_done"
+    )
+    assert is_done(slides / "a.tif") and not is_done(slides / "b.tif")
