@@ -71,7 +71,7 @@ from common.io.atomic import atomic_write
 from common.postprocessing.cell_classification import ClassifyCellsd
 from common.postprocessing.centernet import decode_centres, suppress_close_points
 from common.writers.detection_overlays import class_colours
-from common.writers.detections import DETECTION_COLUMNS
+from common.writers.detections import DETECTION_COLUMNS, detection_row
 from common.writers.display import write_png
 
 __all__ = ["MICRON_COLUMNS", "WholeSmearDetector", "owned_bounds"]
@@ -278,22 +278,13 @@ class WholeSmearDetector:
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow([*DETECTION_COLUMNS, *MICRON_COLUMNS])
-        width, height = f"{self.box_size * scale[1]:g}", f"{self.box_size * scale[0]:g}"
+        width, height = self.box_size * scale[1], self.box_size * scale[0]
         for x, y, score, label, probability in cells:
             x0, y0 = x * scale[1], y * scale[0]
             microns = ("", "") if mpp is None else (f"{x0 * mpp[1]:.2f}", f"{y0 * mpp[0]:.2f}")
-            conf = f"{score * probability:.4f}"
+            name = self.class_names[int(label)]
             writer.writerow(
-                [
-                    slide_path.name,
-                    f"{x0:.2f}",
-                    f"{y0:.2f}",
-                    width,
-                    height,
-                    conf,
-                    self.class_names[int(label)],
-                    *microns,
-                ]
+                [*detection_row(slide_path.name, x0, y0, width, height, score * probability, name), *microns]
             )
         return text.getvalue().encode("utf-8")
 

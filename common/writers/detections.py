@@ -38,6 +38,7 @@ __all__ = [
     "PARTIAL_SUFFIX",
     "DetectionCSVWriter",
     "WriteDetectionsd",
+    "detection_row",
     "read_detections_csv",
     "source_name",
 ]
@@ -47,6 +48,13 @@ logger = logging.getLogger(__name__)
 DETECTION_COLUMNS = ("image_filename", "x", "y", "width", "height", "conf", "class")
 PARTIAL_SUFFIX = ".partial"
 
+
+def detection_row(
+    image_filename: str, x: float, y: float, width: float, height: float, conf: float, class_name: str
+) -> tuple[str, ...]:
+    """One row of :data:`DETECTION_COLUMNS` as text: centres to 2 decimals, confidence to 4, box sides as
+    short as they print; the one format of every detections CSV of the collection (images and slides)."""
+    return (image_filename, f"{x:.2f}", f"{y:.2f}", f"{width:g}", f"{height:g}", f"{conf:.4f}", class_name)
 
 
 class DetectionCSVWriter:
@@ -134,10 +142,10 @@ class DetectionCSVWriter:
             raise ValueError(
                 f"class indices must lie in 0..{len(self.class_names) - 1}, got {classes.tolist()}"
             )
-        size = f"{self.box_size:g}"
+        size = self.box_size
         self._write_rows(
             [
-                (image_filename, f"{x:.2f}", f"{y:.2f}", size, size, f"{score:.4f}", self.class_names[label])
+                detection_row(image_filename, x, y, size, size, score, self.class_names[label])
                 for (x, y), score, label in zip(points, scores, classes)
             ]
         )
