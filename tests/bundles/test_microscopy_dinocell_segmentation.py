@@ -68,8 +68,9 @@ def trained(dataset: Path, pretrained_backbone: Path) -> Path:
 
 def test_training_writes_checkpoints_and_logs(trained: Path):
     assert (trained / "models" / "model.pt").is_file()
-    assert (trained / "models" / "checkpoint_latest.pt").is_file()
     assert any((trained / "runs").glob("events.out.tfevents.*")), "TensorBoard events missing"
+    checkpoint = torch.load(trained / "models" / "checkpoint_latest.pt", weights_only=True)
+    assert checkpoint["early_stop"]["best_step"] > 0, "the early-stopping state must survive --resume"
 
 
 def test_resume_continues_training(dataset: Path, trained: Path):
@@ -183,3 +184,42 @@ def test_score_cells_scores_the_trained_bundle(dataset: Path, trained: Path, tmp
     summary = json.loads((tmp_path / "scores" / "scores.json").read_text())
     assert list(summary["per_cell_type"]) == ["cellpose"] and summary["overall"]["images"] == 2
     assert summary["overall"]["n_reference"] > 0 and "overall" in capsys.readouterr().out
+
+
+def test_whole_slide_inference_over_a_folder_with_a_corrupt_slide(tmp_path: Path):
+    """configs/wsi_inference.json on a tiny random-weight ViTUNet over a folder where a slide with a corrupt
+    tile lies between two good ones: the good slides' instances, cells, overlay and summary are written, the
+    bad one is in the batch summary and the exit status is non-zero; a rerun skips the finished slides."""
+    from common.data.wsi import write_pyramid_tiff
+    from common.networks.vit_unet import ViTUNet
+    from tests.common.data.test_tile_reader import corrupt_tile
+
+    bundle_root, folder, output_dir = tmp_path / "bundle", tmp_path / "slides", tmp_path / "out"
+    (bundle_root / "models").mkdir(parents=True)
+    torch.manual_seed(0)
+    network = ViTUNet(pretrained=False, depth=4, embed_dim=32, num_heads=2, decoder_channels=[32, 16, 16, 8])
+    torch.save(network.state_dict(), bundle_root / "models" / "model.pt")
+    pixels = np.random.default_rng(0).integers(0, 256, (160, 192, 3), dtype=np.uint8)
+    for name in ("a", "b_corrupt", "c"):
+        write_pyramid_tiff(folder / f"{name}.tif", [pixels, pixels[::2, ::2]], mpp=0.5, tile_size=64)
+    corrupt_tile(folder / "b_corrupt.tif", page=0, index=4)  # rows 64..127, columns 64..127
+    infer = bundle_command(
+        "run", "--config_file", str(CONFIGS / "wsi_inference.json"), "--bundle_root", str(bundle_root),
+        "--slides", str(folder), "--output_dir", str(output_dir), "--patch_size", "64", "--band_rows", "32",
+        "--max_cell_size", "16", "--workers", "0", *TINY_NETWORK,
+    )
+    first = run_command(infer, check=False)
+    log = first.stdout + first.stderr
+    assert first.returncode != 0 and "2 processed, 0 skipped (outputs complete), 1 failed" in log
+    assert f"failed: {folder / 'b_corrupt.tif'}: tile at (y, x) = " in log
+    kinds = ("cells.csv", "instances.tif", "overlay.png", "summary.json")
+    assert sorted(p.name for p in output_dir.iterdir()) == sorted(f"{s}_{k}" for s in "ac" for k in kinds)
+    summary = json.loads((output_dir / "a_summary.json").read_text())
+    assert summary["tiles"] == {"processed": 3 * 4, "skipped": 0} and summary["shape"] == [160, 192]
+    labels = tifffile.imread(output_dir / "a_instances.tif")
+    assert labels.shape == (160, 192) and labels.dtype == np.uint32
+    with open(output_dir / "a_cells.csv") as f:
+        assert len(list(csv.DictReader(f))) == summary["cells"] == len(np.unique(labels[labels > 0]))
+    again = run_command(infer, check=False)
+    log = again.stdout + again.stderr
+    assert again.returncode != 0 and "0 processed, 2 skipped (outputs complete), 1 failed" in log

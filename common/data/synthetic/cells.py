@@ -197,6 +197,16 @@ def _check_choice(name: str, value: object, allowed: Sequence[object]) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+def _choices(name: str, value: str | Sequence[str], allowed: Sequence[str]) -> list[str]:
+    """``value`` as a non-empty list of allowed names (one name, or several that images pick from)."""
+    values = [value] if isinstance(value, str) else list(value)
+    if not values:
+        raise ValueError(f"{name} needs at least one of {list(allowed)}")
+    for item in values:
+        _check_choice(name, item, allowed)
+    return values
+
+
 def synthesize_cell_image(
     rng: np.random.Generator,
     size: tuple[int, int] = (256, 256),
@@ -246,7 +256,7 @@ def generate_cell_dataset(
     size: Sequence[int] = (256, 256),
     seed: int = 0,
     look: str | Sequence[str] = "phase",
-    density: str = "medium",
+    density: str | Sequence[str] = "medium",
     bit_depth: int = 8,
 ) -> Path:
     """Write a synthetic dataset as ``output_dir/{train,val,test}/NNN_img.png`` (grey, ``bit_depth``
@@ -258,15 +268,12 @@ def generate_cell_dataset(
 
     Args:
         look: one of :data:`LOOKS`, or several, in which case each image picks one at random.
-        density: one of :data:`DENSITIES`.
+        density: one of :data:`DENSITIES`, or several, in which case each image picks one at random (a
+            model trained on sparse images too learns what bare background looks like).
         bit_depth: 8 or 16.
     """
-    looks = [look] if isinstance(look, str) else list(look)
-    if not looks:
-        raise ValueError(f"look needs at least one of {list(LOOKS)}")
-    for name in looks:
-        _check_choice("look", name, LOOKS)
-    _check_choice("density", density, tuple(DENSITIES))
+    looks = _choices("look", look, LOOKS)
+    densities = _choices("density", density, tuple(DENSITIES))
     _check_choice("bit_depth", bit_depth, BIT_DEPTHS)
     size = (int(size[0]), int(size[1]))
     if min(size) < 32:
@@ -279,7 +286,8 @@ def generate_cell_dataset(
             for i in range(count):
                 rng = np.random.default_rng([seed, split_index, i])
                 image_look = str(rng.choice(looks)) if len(looks) > 1 else looks[0]
-                image, labels = synthesize_cell_image(rng, size, image_look, density, bit_depth)
+                image_density = str(rng.choice(densities)) if len(densities) > 1 else densities[0]
+                image, labels = synthesize_cell_image(rng, size, image_look, image_density, bit_depth)
                 Image.fromarray(image).save(staging / split / f"{i:03d}_img.png")
                 Image.fromarray(labels.astype(np.uint16)).save(staging / split / f"{i:03d}_masks.png")
         settings = {
@@ -287,7 +295,7 @@ def generate_cell_dataset(
             "seed": seed,
             "size": list(size),
             "look": looks,
-            "density": density,
+            "density": densities if len(densities) > 1 else densities[0],
             "bit_depth": bit_depth,
             "splits": counts,
         }
@@ -309,13 +317,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--look", choices=LOOKS, nargs="+", default=["phase"], help="one or more; each image picks one"
     )
-    parser.add_argument("--density", choices=tuple(DENSITIES), default="medium")
+    parser.add_argument(
+        "--density", choices=tuple(DENSITIES), nargs="+", default=["medium"], help="one or more; each image picks one"
+    )
     parser.add_argument("--bit-depth", type=int, choices=BIT_DEPTHS, default=8)
     args = parser.parse_args(argv)
     try:
         path = generate_cell_dataset(
             args.output, args.n_train, args.n_val, args.n_test, args.size, args.seed,
-            args.look, args.density, args.bit_depth,
+            args.look, args.density if len(args.density) > 1 else args.density[0], args.bit_depth,
         )
     except InputDataError as err:
         raise SystemExit(f"error: {err}") from err

@@ -73,6 +73,17 @@ def test_density_goes_from_sparse_to_confluent():
     assert covered == sorted(covered) and covered[0] < 0.35 and covered[-1] > 0.6
 
 
+def test_several_densities_mix_image_by_image_and_one_keeps_its_bytes(tmp_path):
+    mixed = generate_cell_dataset(tmp_path / "mixed", 8, 0, 0, SIZE, density=["sparse", "confluent"])
+    covered = [(np.asarray(Image.open(path)) > 0).mean() for path in sorted((mixed / "train").glob("*_masks.png"))]
+    assert min(covered) < 0.35 and max(covered) > 0.6, covered
+    assert json.loads((mixed / "dataset.json").read_text())["density"] == ["sparse", "confluent"]
+    single = generate_cell_dataset(tmp_path / "single", 2, 0, 0, SIZE, density="sparse")
+    listed = generate_cell_dataset(tmp_path / "listed", 2, 0, 0, SIZE, density=["sparse"])
+    for name in ("000_img.png", "001_masks.png"):
+        assert (single / "train" / name).read_bytes() == (listed / "train" / name).read_bytes()
+
+
 def test_16_bit_images_use_the_wider_range_and_read_back(tmp_path):
     image, _ = synthesize_cell_image(np.random.default_rng(0), SIZE, "fluorescence_nuclei", bit_depth=16)
     assert image.dtype == np.uint16 and image.max() > 255
