@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from common.data.tile_reader import PrefetchingTileReader, TiledTiffLevel
-from common.data.wsi import Slide, read_region
+from common.data.wsi import BACKENDS, Slide, read_region
 from common.inferers.band_merger import tile_positions
 from common.transforms.tissue import tissue_fraction, tissue_mask
 
@@ -36,7 +36,9 @@ __all__ = [
     "check_int",
     "check_overlap",
     "check_patch_size",
+    "check_slide_settings",
     "is_int",
+    "network_device",
     "slide_thumbnail",
 ]
 
@@ -87,6 +89,22 @@ def check_fraction(name: str, value: Any) -> float:
     ):
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return float(value)
+
+
+def check_slide_settings(level: int | None, mpp: float | None, backend: str) -> None:
+    """Refuse a level given together with an mpp, and an unknown slide reader ``backend``."""
+    if level is not None and mpp is not None:
+        raise ValueError(f"give either level or mpp, not both (level={level}, mpp={mpp})")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def network_device(network: Callable, device: str | torch.device | None = None) -> torch.device:
+    """``device``, or by default the device of the network's parameters (the CPU for a plain callable)."""
+    if device is None:
+        parameter = next(network.parameters(), None) if isinstance(network, torch.nn.Module) else None
+        device = parameter.device if parameter is not None else "cpu"
+    return torch.device(device)
 
 
 def block_slices(shape: Sequence[int], block: int) -> Iterator[tuple[slice, slice]]:

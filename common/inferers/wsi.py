@@ -54,14 +54,16 @@ from PIL import Image
 
 from common.data.histopathology import mask_palette
 from common.data.tile_reader import TiledTiffLevel
-from common.data.wsi import BACKENDS, Slide, open_slide, select_level, write_pyramid_tiff
+from common.data.wsi import Slide, open_slide, select_level, write_pyramid_tiff
 from common.inferers.band_merger import BandMerger
 from common.inferers.slide_tiles import (
     SlideTileStream,
     block_slices,
     check_fraction,
     check_int,
+    check_slide_settings,
     is_int,
+    network_device,
     slide_thumbnail,
 )
 from common.io.atomic import atomic_directory, atomic_write
@@ -463,13 +465,9 @@ class WholeSlideSegmenter:
         self.class_names = [str(name) for name in class_names]
         if len(self.class_names) != self.num_classes or len(set(self.class_names)) != self.num_classes:
             raise ValueError(f"class_names must be {self.num_classes} unique names, got {list(class_names)}")
-        if level is not None and mpp is not None:
-            raise ValueError(f"give either level or mpp, not both (level={level}, mpp={mpp})")
+        check_slide_settings(level, mpp, backend)
         self.level, self.mpp = level, mpp
-        if device is None:
-            parameter = next(network.parameters(), None) if isinstance(network, torch.nn.Module) else None
-            device = parameter.device if parameter is not None else "cpu"
-        self.device = torch.device(device)
+        self.device = network_device(network, device)
         # TiledTiffLevel as this module sees it, so that a test can watch the decoding here
         self.tiles = SlideTileStream(
             patch_size,
@@ -484,8 +482,6 @@ class WholeSlideSegmenter:
             tiled_level=TiledTiffLevel,
         )
         self.amp = bool(amp)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.keep_probabilities = bool(keep_probabilities)
         if not is_int(tile_size) or tile_size < 16 or tile_size % 16:

@@ -39,31 +39,28 @@ import tifffile
 import torch
 from skimage.segmentation import relabel_sequential
 
-from common.data.wsi import BACKENDS, Slide, open_slide, select_level
+from common.data.wsi import Slide, open_slide, select_level
 from common.inferers.band_merger import BandMerger
-from common.inferers.slide_tiles import SlideTileStream, check_int, is_int, slide_thumbnail
+from common.inferers.slide_tiles import (
+    SlideTileStream,
+    check_int,
+    check_slide_settings,
+    is_int,
+    network_device,
+    slide_thumbnail,
+)
 from common.inferers.wsi import write_streamed_pyramid
 from common.io.atomic import atomic_write
 from common.postprocessing.band_watershed import BandWatershed, CellRows
 from common.postprocessing.watershed import check_smooth_sigma, check_thresholds
-from common.writers.instances import write_overlay
+from common.writers.instances import CELL_TABLE_COLUMNS, write_overlay
 
 __all__ = ["CELL_COLUMNS", "WholeSlideCellSegmenter"]
 
 logger = logging.getLogger(__name__)
 
-#: Columns of ``<stem>_cells.csv``.
-CELL_COLUMNS = (
-    "id",
-    "area",
-    "area_um2",
-    "centroid_y",
-    "centroid_x",
-    "bbox_min_y",
-    "bbox_min_x",
-    "bbox_max_y",
-    "bbox_max_x",
-)
+#: Columns of ``<stem>_cells.csv``: the image pipeline's cell table with the area in µm² after the pixels.
+CELL_COLUMNS = (*CELL_TABLE_COLUMNS[:2], "area_um2", *CELL_TABLE_COLUMNS[2:])
 
 
 def _decimate2(labels: np.ndarray) -> np.ndarray:
@@ -199,13 +196,9 @@ class WholeSlideCellSegmenter:
         }
         self.max_cell_size = check_int("max_cell_size", max_cell_size, 1)
         self.band_rows = check_int("band_rows", band_rows, 1)
-        if level is not None and mpp is not None:
-            raise ValueError(f"give either level or mpp, not both (level={level}, mpp={mpp})")
+        check_slide_settings(level, mpp, backend)
         self.level, self.mpp = level, mpp
-        if device is None:
-            parameter = next(network.parameters(), None) if isinstance(network, torch.nn.Module) else None
-            device = parameter.device if parameter is not None else "cpu"
-        self.device = torch.device(device)
+        self.device = network_device(network, device)
         self.tiles = SlideTileStream(
             patch_size,
             overlap,
@@ -217,8 +210,6 @@ class WholeSlideCellSegmenter:
             channels_last,
         )
         self.amp = bool(amp)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         if not is_int(tile_size) or tile_size < 16 or tile_size % 16:
             raise ValueError(f"tile_size must be a positive multiple of 16 (a TIFF rule), got {tile_size!r}")

@@ -65,8 +65,15 @@ import torch
 from PIL import Image, ImageDraw
 
 from common.data.cytology import BETHESDA_CLASSES
-from common.data.wsi import BACKENDS, open_slide, select_level
-from common.inferers.slide_tiles import SlideTileStream, TileBatch, check_int, slide_thumbnail
+from common.data.wsi import open_slide, select_level
+from common.inferers.slide_tiles import (
+    SlideTileStream,
+    TileBatch,
+    check_int,
+    check_slide_settings,
+    network_device,
+    slide_thumbnail,
+)
 from common.io.atomic import atomic_write
 from common.postprocessing.cell_classification import ClassifyCellsd
 from common.postprocessing.centernet import decode_centres, suppress_close_points
@@ -172,8 +179,7 @@ class WholeSmearDetector:
         self.class_names = [str(name) for name in class_names]
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):
             raise ValueError(f"class_names must be unique names, got {list(class_names)}")
-        if level is not None and mpp is not None:
-            raise ValueError(f"give either level or mpp, not both (level={level}, mpp={mpp})")
+        check_slide_settings(level, mpp, backend)
         self.level, self.mpp = level, mpp
         self.stride = check_int("stride", stride, 1)
         self.top_k = check_int("top_k", top_k, 1)
@@ -184,13 +190,8 @@ class WholeSmearDetector:
                 f"min_distance must be >= 0, box_size and dot_radius > 0; got {min_distance}, {box_size}, {dot_radius}"
             )
         self.threshold, self.min_distance, self.box_size = threshold, float(min_distance), float(box_size)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
-        if device is None:
-            parameter = next(detector.parameters(), None) if isinstance(detector, torch.nn.Module) else None
-            device = parameter.device if parameter is not None else "cpu"
-        self.device = torch.device(device)
+        self.device = network_device(detector, device)
         self.stream = SlideTileStream(
             patch_size,
             overlap,
